@@ -1,0 +1,94 @@
+"""
+Settings overrides, nanoGPT style. A script runs this file with
+    exec(open('configurator.py').read())
+after defining its settings as plain globals; then, for example,
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+runs config/train_shakespeare_char.py as Python and then sets batch_size and compile.
+--key=value overrides a known global (one whose value is a bool, int, float, str or None), the
+value read with ast.literal_eval (a plain string when that fails). An unknown key, a value of the
+wrong type or a malformed argument stops the program with a one-line error. --help lists the settings.
+"""
+
+
+def _configure(settings):
+    import ast
+    import builtins  # scripts have settings named like builtins (compile)
+    import difflib
+    import os
+    import sys
+    import types
+
+    prog = os.path.basename(sys.argv[0])
+    known = {k: v for k, v in settings.items()
+             if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))}
+
+    def fail(msg):
+        sys.exit(f"{prog}: {msg}")
+
+    def unknown_key(key, where):
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; run {prog} --help for the settings"
+        fail(f"unknown setting '{key}' in {where}{hint}")
+
+    def checked(key, value, where):
+        """value converted to the type of key's default, or a one-line error."""
+        default = known[key]
+        if default is None or value is None:
+            return value
+        if isinstance(default, bool) or isinstance(value, bool):
+            ok = isinstance(default, bool) and isinstance(value, bool)
+        elif isinstance(default, float) and isinstance(value, int):  # an int where a float is expected is fine
+            return float(value)
+        else:
+            ok = type(value) is type(default)
+        if not ok:
+            fail(f"{key} expects {type(default).__name__} (default {default!r}), "
+                 f"got {type(value).__name__} {value!r} in {where}")
+        return value
+
+    for arg in sys.argv[1:]:
+        if arg in ('-h', '--help'):
+            print(f"settings of {prog} (override with --key=value or a config file):")
+            for k, v in known.items():
+                print(f"  --{k}={v!r}")
+            sys.exit(0)
+        if not arg.startswith('--'):
+            # a config file: run it as Python on top of the current settings
+            if not os.path.isfile(arg):
+                fail(f"config file '{arg}' not found (expected a path like config/train_shakespeare_char.py, "
+                     f"or --key=value)")
+            namespace = dict(known)
+            print(f"Overriding config with {arg}:")
+            with open(arg) as f:
+                source = f.read()
+            print(source)
+            try:
+                builtins.exec(builtins.compile(source, arg, 'exec'), namespace)
+            except SyntaxError as e:
+                fail(f"config file {arg} has a syntax error at line {e.lineno}: {e.msg}")
+            for key, value in namespace.items():
+                if key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                    continue
+                if key not in known:
+                    unknown_key(key, arg)
+                if value is not known[key]:
+                    known[key] = settings[key] = checked(key, value, arg)
+        else:
+            key, eq, text = arg[2:].partition('=')
+            if not eq or not key.isidentifier():
+                fail(f"malformed argument '{arg}': expected --key=value, e.g. --batch_size=32")
+            if key not in known:
+                unknown_key(key, f"'{arg}'")
+            try:
+                value = ast.literal_eval(text)
+            except (SyntaxError, ValueError):
+                value = text  # a plain string, e.g. --device=cuda:1 or --out_dir=out-shakespeare
+            if isinstance(known[key], str) and not isinstance(value, str):
+                value = text  # a string setting keeps what was typed, e.g. --wandb_run_name=2024
+            value = checked(key, value, f"'{arg}'")
+            print(f"Overriding: {key} = {value!r}")
+            known[key] = settings[key] = value
+
+
+_configure(globals())
+del _configure

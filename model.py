@@ -1,0 +1,335 @@
+"""
+The GPT language model, in one file.
+Module and parameter names follow nanoGPT (and so OpenAI's GPT-2), so their
+checkpoints load unchanged. Three toggles set this model apart:
+- flash_attn: attention through torch's scaled_dot_product_attention, or the explicit softmax.
+- alibi: no position embeddings; a per-head linear distance penalty (Press et al., 2021)
+  that lets a model trained at block_size be evaluated at longer contexts.
+- pretrained token embeddings: GPT(config, embedding_matrix=...) starts the tied
+  wte/lm_head weight from a given matrix.
+"""
+
+import math
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linears and LayerNorms, as GPT-2; False is a bit faster and better
+    flash_attn: bool = True
+    alibi: bool = False
+
+
+def alibi_slopes(n_head):
+    """Per-head slopes of ALiBi: a geometric sequence starting at 2^(-8/n) (Press et al.)."""
+    def power_of_2_slopes(n):
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+    if math.log2(n_head).is_integer():
+        return torch.tensor(power_of_2_slopes(n_head))
+    # otherwise: the slopes of the closest smaller power of 2, then every other slope of the next one
+    closest = 2 ** math.floor(math.log2(n_head))
+    extra = power_of_2_slopes(2 * closest)[0::2][:n_head - closest]
+    return torch.tensor(power_of_2_slopes(closest) + extra)
+
+
+def fit_embedding_matrix(emb, n_embd, std=0.02, seed=1337):
+    """Map a [vocab, D] embedding matrix to width n_embd and rescale it to the model's init std.
+    When D != n_embd the map is a fixed Gaussian projection (seeded, so every run gets the same one),
+    scaled by 1/sqrt(D), which roughly preserves the angles between token vectors (Johnson-Lindenstrauss)."""
+    emb = emb.float()
+    if emb.size(1) != n_embd:
+        g = torch.Generator().manual_seed(seed)
+        emb = emb @ (torch.randn(emb.size(1), n_embd, generator=g) / math.sqrt(emb.size(1)))
+    emb = emb - emb.mean()
+    return emb * (std / emb.std())
+
+
+def clean_state_dict(state_dict):
+    """A state dict as our GPT names it: drops torch.compile's '_orig_mod.' prefix (checkpoints of
+    compiled models) and the causal-mask buffers that nanoGPT saves when it runs without flash."""
+    prefix = '_orig_mod.'
+    sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+    return {k: v for k, v in sd.items() if not k.endswith('.attn.bias')}
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        # key, query, value projections for all heads, in one batch
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.flash_attn = config.flash_attn
+        self.block_size = config.block_size
+
+    def forward(self, x, attn_bias=None, kv_cache=None, pos=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv_cache is not None:
+            if pos == 0:  # the prompt: allocate room for a whole context once, never grow it
+                kv_cache[:] = [k.new_empty(B, self.n_head, max(T, self.block_size), C // self.n_head) for _ in range(2)]
+            kv_cache[0][:, :, pos:pos + T] = k
+            kv_cache[1][:, :, pos:pos + T] = v
+            k, v = kv_cache[0][:, :, :pos + T], kv_cache[1][:, :, :pos + T]
+        if self.flash_attn:
+            # attn_bias is None only for plain causal attention, which needs no mask when T == 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=attn_bias is None and T > 1)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = F.softmax(att + attn_bias, dim=-1)
+            att = self.attn_dropout(att)
+            y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate='tanh')  # GPT-2's GELU, so OpenAI's weights give Hugging Face's logits
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_bias=None, kv_cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), attn_bias, kv_cache, pos)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config, embedding_matrix=None):
+        super().__init__()
+        assert config.vocab_size is not None
+        assert config.block_size is not None
+        self.config = config
+
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        if not config.alibi:  # ALiBi puts position into the attention scores instead
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor, two uses
+        self._attn_bias_cache = {}  # (device, dtype) -> (n_head or 1, L, L) additive attention bias
+
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled down by 1/sqrt(2 * n_layer)
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # loaded after the tying above, so that the tied weight really holds the given matrix
+        if embedding_matrix is not None:
+            self.load_token_embeddings(embedding_matrix)
+
+    def get_num_params(self, non_embedding=True):
+        """Number of parameters; by default without the position embeddings (the token
+        embeddings count, since they are tied to the output layer)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.alibi:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @torch.no_grad()
+    def load_token_embeddings(self, embedding_matrix):
+        """Start the tied wte/lm_head weight from a [vocab, n_embd] matrix. Rows past its
+        vocabulary (the padding up to vocab_size) keep their random init."""
+        emb = torch.as_tensor(embedding_matrix)
+        V, C = self.config.vocab_size, self.config.n_embd
+        if emb.dim() != 2 or emb.size(0) > V or emb.size(1) != C:
+            raise ValueError(f"embedding matrix has shape {list(emb.shape)} but this model needs "
+                             f"[vocab <= {V}, {C}]; build it for n_embd={C} (see fit_embedding_matrix)")
+        self.transformer.wte.weight[:emb.size(0)].copy_(emb)
+
+    @torch.compiler.disable  # python-side caching; keeps the compiled graph free of it
+    def attention_bias(self, Tq, Tk, device, dtype):
+        """Additive attention bias for the last Tq of Tk positions: -inf above the diagonal, and
+        -slope * distance with ALiBi. None for plain causal attention through flash (is_causal).
+        Built once per (device, dtype) for the longest length seen and sliced after that."""
+        if self.config.flash_attn and not self.config.alibi:
+            return None
+        bias = self._attn_bias_cache.get((device, dtype))
+        if bias is None or bias.size(-1) < Tk:
+            L = max(Tk, self.config.block_size)
+            pos = torch.arange(L, device=device)
+            distance = pos[:, None] - pos[None, :]  # query minus key, >= 0 where attention is allowed
+            slopes = alibi_slopes(self.config.n_head) if self.config.alibi else torch.zeros(1)
+            bias = -slopes.to(device)[:, None, None] * distance
+            bias = bias.masked_fill(distance < 0, float('-inf')).to(dtype)
+            self._attn_bias_cache[(device, dtype)] = bias
+        return bias[:, Tk - Tq:Tk, :Tk]
+
+    def forward(self, idx, targets=None, kv_cache=None, pos=0):
+        """idx: (B, T) token ids at positions pos..pos+T-1. kv_cache: a list of one list per
+        layer, filled at pos=0 and extended after that (see generate)."""
+        device = idx.device
+        b, t = idx.size()
+        if not self.config.alibi and pos + t > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {pos + t}: block_size is only "
+                             f"{self.config.block_size} (learned positions); use alibi=True to go longer")
+        x = self.transformer.wte(idx)
+        if not self.config.alibi:
+            x = x + self.transformer.wpe(torch.arange(pos, pos + t, dtype=torch.long, device=device))
+        x = self.transformer.drop(x)
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
+        attn_bias = self.attention_bias(t, pos + t, device, dtype)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attn_bias, None if kv_cache is None else kv_cache[i], pos)
+        x = self.transformer.ln_f(x)
+
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            # inference: the output layer on the last position only
+            logits = self.lm_head(x[:, [-1], :])
+            loss = None
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context, e.g. to finetune GPT-2 (1024) at a smaller block size."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"cannot crop block_size to {block_size}: the model's is only {self.config.block_size}")
+        self.config.block_size = block_size
+        for block in self.transformer.h:
+            block.attn.block_size = block_size
+        if not self.config.alibi:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, override_args=None):
+        """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or a local directory in
+        Hugging Face format, through transformers. Only dropout may be overridden."""
+        override_args = override_args or {}
+        if set(override_args) - {'dropout'}:
+            raise ValueError(f"from_pretrained can only override 'dropout', not {sorted(set(override_args) - {'dropout'})}")
+        import transformers
+        hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
+        c = hf_model.config
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                           n_head=c.n_head, n_embd=c.n_embd, bias=True, dropout=override_args.get('dropout', 0.0))
+        print(f"loading weights from pretrained gpt: {name_or_path} "
+              f"(n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd})")
+        model = cls(config)
+        sd = model.state_dict()
+        sd_hf = {k: v for k, v in hf_model.state_dict().items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+        if set(sd_hf) != set(sd):
+            raise ValueError(f"{name_or_path} is not a GPT-2 checkpoint we can map: "
+                             f"differing keys {sorted(set(sd_hf) ^ set(sd))[:5]}")
+        # OpenAI's checkpoints use Conv1D modules, whose weights are the transpose of a Linear's
+        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        with torch.no_grad():
+            for k, v in sd_hf.items():
+                sd[k].copy_(v.t() if k.endswith(transposed) else v)
+        return model
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # 2-D tensors (matmul weights, embeddings) are decayed; biases and LayerNorm gains are not
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay_params = [p for p in params if p.dim() >= 2]
+        nodecay_params = [p for p in params if p.dim() < 2]
+        optim_groups = [
+            {'params': decay_params, 'weight_decay': weight_decay},
+            {'params': nodecay_params, 'weight_decay': 0.0},
+        ]
+        print(f"num decayed parameter tensors: {len(decay_params)}, with {sum(p.numel() for p in decay_params):,} parameters")
+        print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {sum(p.numel() for p in nodecay_params):,} parameters")
+        use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
+        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **({'fused': True} if use_fused else {}))
+        print(f"using fused AdamW: {use_fused}")
+        return optimizer
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, flops_promised=312e12):
+        """Model FLOPs utilization: achieved FLOP/s over flops_promised (default: A100 bf16 peak).
+        FLOPs per token as in the PaLM paper, appendix B: 6N + 12 L H Q T."""
+        N = self.get_num_params()
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+        return flops_per_iter / dt / flops_promised
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None, use_cache=True):
+        """Sample max_new_tokens after idx (B, T). With use_cache the prompt runs once and then one
+        position per step, reusing keys and values; past block_size the context is cropped to the
+        last block_size tokens and recomputed each step, as nanoGPT does, so both give the same
+        tokens. Stops early once every row has produced stop_token."""
+        block_size = self.config.block_size
+        kv_cache = [[] for _ in self.transformer.h]
+        cache_len = 0  # positions currently held in kv_cache
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            T = idx.size(1)
+            if not use_cache or T > block_size:
+                logits, _ = self(idx[:, -block_size:])
+            elif cache_len == 0:
+                logits, _ = self(idx, kv_cache=kv_cache)
+                cache_len = T
+            else:
+                logits, _ = self(idx[:, cache_len:], kv_cache=kv_cache, pos=cache_len)
+                cache_len = T
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('Inf')
+            if top_p is not None:  # nucleus: the smallest set of tokens whose probability reaches top_p
+                sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+                cum_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+                drop = cum_probs - F.softmax(sorted_logits, dim=-1) >= top_p  # always keeps the top token
+                logits[drop.scatter(1, sorted_idx, drop)] = -float('Inf')
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+            if stop_token is not None:
+                done |= idx_next.squeeze(1) == stop_token
+                if done.all():
+                    break
+        return idx

@@ -1,0 +1,266 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, alibi_slopes, clean_state_dict, fit_embedding_matrix
+
+
+def tiny_config(**kw):
+    args = dict(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
+    args.update(kw)
+    return GPTConfig(**args)
+
+
+def twin_models(**kw):
+    """The same weights with flash attention on and off."""
+    torch.manual_seed(0)
+    flash = GPT(tiny_config(flash_attn=True, **kw))
+    explicit = GPT(tiny_config(flash_attn=False, **kw))
+    explicit.load_state_dict(flash.state_dict())
+    return flash, explicit
+
+
+@pytest.fixture(scope='module')
+def hf_dir(tmp_path_factory):
+    """A random GPT-2 in Hugging Face format, saved locally (no download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=211, n_positions=64, n_embd=48, n_layer=3, n_head=4)
+    hf = GPT2LMHeadModel(cfg)
+    path = tmp_path_factory.mktemp('hf_gpt2')
+    hf.save_pretrained(path)
+    return path
+
+
+def hf_logits(path, idx):
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def test_parameter_names_match_nanogpt():
+    model = GPT(tiny_config(n_layer=1))
+    names = set(model.state_dict())
+    for name in ['transformer.wte.weight', 'transformer.wpe.weight', 'transformer.h.0.ln_1.weight',
+                 'transformer.h.0.attn.c_attn.weight', 'transformer.h.0.attn.c_proj.bias',
+                 'transformer.h.0.ln_2.bias', 'transformer.h.0.mlp.c_fc.weight',
+                 'transformer.h.0.mlp.c_proj.weight', 'transformer.ln_f.weight', 'lm_head.weight']:
+        assert name in names
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert 'transformer.wpe.weight' not in GPT(tiny_config(alibi=True)).state_dict()
+
+
+def test_gpt2_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=8, n_embd=128))
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.001
+
+
+def test_from_pretrained_local_dir_matches_hugging_face(hf_dir):
+    idx = torch.randint(0, 211, (2, 40))
+    model = GPT.from_pretrained(str(hf_dir)).eval()
+    assert model.config.block_size == 64 and model.config.vocab_size == 211
+    logits, _ = model(idx, idx)  # with targets: logits at every position
+    assert (logits - hf_logits(hf_dir, idx)).abs().max().item() < 2e-5
+
+
+def test_from_pretrained_by_name_goes_through_transformers(hf_dir, monkeypatch):
+    import transformers
+    real = transformers.GPT2LMHeadModel.from_pretrained
+    asked = []
+
+    def fake_download(name, *args, **kwargs):
+        asked.append(name)
+        return real(hf_dir)
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, 'from_pretrained', fake_download)
+    model = GPT.from_pretrained('gpt2', override_args={'dropout': 0.1})
+    monkeypatch.undo()
+    assert asked == ['gpt2'] and model.config.dropout == 0.1
+    idx = torch.randint(0, 211, (1, 64))
+    logits, _ = model.eval()(idx, idx)
+    assert (logits - hf_logits(hf_dir, idx)).abs().max().item() < 2e-5
+
+
+def test_from_pretrained_rejects_other_overrides(hf_dir):
+    with pytest.raises(ValueError, match="only override 'dropout'.*n_layer"):
+        GPT.from_pretrained(str(hf_dir), override_args={'n_layer': 2})
+
+
+@pytest.mark.parametrize('alibi', [False, True])
+def test_flash_equals_explicit_attention(alibi):
+    flash, explicit = twin_models(alibi=alibi)
+    idx = torch.randint(0, 96, (3, 32))
+    a, loss_a = flash.eval()(idx, idx)
+    b, loss_b = explicit.eval()(idx, idx)
+    assert (a - b).abs().max().item() <= 1e-5
+    assert abs(loss_a.item() - loss_b.item()) <= 1e-5
+    # and the gradients agree too
+    loss_a.backward()
+    loss_b.backward()
+    for (name, p), q in zip(flash.named_parameters(), explicit.parameters()):
+        assert (p.grad - q.grad).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.parametrize('flash', [False, True])
+def test_attention_dropout_is_applied_in_training(flash):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(flash_attn=flash, dropout=0.5))
+    attn = model.transformer.h[0].attn
+    attn.resid_dropout.p = 0.0  # isolate attention-probability dropout
+    x = torch.randn(2, 16, 32)
+    attn.train()
+    torch.manual_seed(1)
+    y1 = attn(x, model.attention_bias(16, 16, x.device, x.dtype))
+    torch.manual_seed(2)
+    y2 = attn(x, model.attention_bias(16, 16, x.device, x.dtype))
+    assert (y1 - y2).abs().max().item() > 1e-3
+    attn.eval()
+    e1 = attn(x, model.attention_bias(16, 16, x.device, x.dtype))
+    e2 = attn(x, model.attention_bias(16, 16, x.device, x.dtype))
+    assert torch.equal(e1, e2)
+
+
+def test_alibi_slopes_follow_press_et_al():
+    assert torch.allclose(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    assert torch.allclose(alibi_slopes(4), torch.tensor([2.0 ** (-2 * (i + 1)) for i in range(4)]))
+    # 12 heads: the 8 slopes of 8 heads, then every other slope of 16 heads
+    s16 = [2.0 ** (-0.5 * (i + 1)) for i in range(16)]
+    expected = [2.0 ** -(i + 1) for i in range(8)] + s16[0::2][:4]
+    assert torch.allclose(alibi_slopes(12), torch.tensor(expected))
+
+
+def test_alibi_bias_is_causal_linear_distance_penalty():
+    model = GPT(tiny_config(alibi=True, n_head=2))
+    bias = model.attention_bias(4, 4, torch.device('cpu'), torch.float32)
+    slope = alibi_slopes(2)[1].item()
+    assert bias.shape == (2, 4, 4)
+    assert bias[1, 3, 0].item() == pytest.approx(-3 * slope)
+    assert bias[1, 2, 2].item() == 0.0
+    assert bias[0, 0, 1].item() == float('-inf')
+    # one cached tensor, sliced for shorter lengths: no per-call or per-batch copies
+    again = model.attention_bias(3, 3, torch.device('cpu'), torch.float32)
+    assert again.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize('flash', [False, True])
+def test_alibi_evaluates_beyond_block_size(flash):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(alibi=True, flash_attn=flash)).eval()
+    for T in (64, 128):  # 2x and 4x block_size
+        idx = torch.randint(0, 96, (2, T))
+        logits, loss = model(idx, idx)
+        assert logits.shape == (2, T, 96) and torch.isfinite(loss)
+        assert abs(loss.item() - math.log(96)) < 1.0  # an untrained model: near uniform
+
+
+def test_alibi_long_context_agrees_between_flash_and_explicit():
+    flash, explicit = twin_models(alibi=True)
+    idx = torch.randint(0, 96, (2, 128))
+    assert (flash.eval()(idx, idx)[0] - explicit.eval()(idx, idx)[0]).abs().max().item() <= 1e-5
+
+
+def test_learned_positions_refuse_longer_than_block_size():
+    model = GPT(tiny_config())
+    with pytest.raises(ValueError, match='block_size is only 32.*alibi=True'):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_pretrained_embeddings_are_what_the_model_computes_with():
+    torch.manual_seed(0)
+    emb = torch.randn(90, 32)  # 90 real tokens, padded vocab of 96
+    model = GPT(tiny_config(), embedding_matrix=emb)
+    wte, head = model.transformer.wte, model.lm_head
+    assert torch.equal(wte.weight[:90], emb) and wte.weight is head.weight
+    # the embedding the first layer sees is the loaded row (plus its position embedding)
+    idx = torch.tensor([[5, 7]])
+    seen = {}
+    hook = model.transformer.drop.register_forward_hook(lambda m, i, o: seen.update(x=o))
+    model.eval()(idx)
+    hook.remove()
+    assert torch.allclose(seen['x'][0], emb[[5, 7]] + model.transformer.wpe.weight[:2])
+    # the output layer computes with the same rows
+    h = torch.randn(1, 1, 32)
+    assert torch.allclose(head(h)[..., :90], h @ emb.t(), atol=1e-6)
+    # and after an optimizer step the two are still one tensor
+    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    x = torch.randint(0, 96, (2, 16))
+    model.train()(x, x)[1].backward()
+    opt.step()
+    assert model.transformer.wte.weight is model.lm_head.weight
+    assert not torch.equal(model.transformer.wte.weight[:90], emb)  # it trained
+
+
+def test_pretrained_embeddings_shape_error_names_both_shapes():
+    with pytest.raises(ValueError, match=r'shape \[100, 32\].*\[vocab <= 96, 32\]'):
+        GPT(tiny_config(), embedding_matrix=torch.zeros(100, 32))
+    with pytest.raises(ValueError, match=r'shape \[90, 300\]'):
+        GPT(tiny_config(), embedding_matrix=torch.zeros(90, 300))
+
+
+def test_fit_embedding_matrix_projects_and_rescales():
+    torch.manual_seed(0)
+    glove_like = torch.randn(90, 300) * 0.4
+    fitted = fit_embedding_matrix(glove_like, 32)
+    assert fitted.shape == (90, 32)
+    assert abs(fitted.std().item() - 0.02) < 1e-4
+    assert torch.equal(fitted, fit_embedding_matrix(glove_like, 32))  # a fixed projection
+    GPT(tiny_config(), embedding_matrix=fitted)  # and it fits the model
+
+
+def test_crop_block_size():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 96, (1, 16))
+    before = model(idx)[0]
+    model.crop_block_size(16)
+    assert model.config.block_size == 16 and model.transformer.wpe.weight.shape == (16, 32)
+    assert torch.allclose(model(idx)[0], before)
+    with pytest.raises(ValueError):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match='only 16'):
+        model.crop_block_size(64)
+
+
+def test_configure_optimizers_decays_only_matrices():
+    model = GPT(tiny_config())
+    opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cpu')
+    decayed, plain = opt.param_groups
+    assert decayed['weight_decay'] == 0.1 and plain['weight_decay'] == 0.0
+    assert all(p.dim() == 2 for p in decayed['params']) and all(p.dim() == 1 for p in plain['params'])
+    assert sum(p.numel() for g in opt.param_groups for p in g['params']) == model.get_num_params(False)
+
+
+def test_forward_without_targets_returns_last_position():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 96, (2, 10))
+    logits, loss = model(idx)
+    assert loss is None and logits.shape == (2, 1, 96)
+    assert torch.allclose(logits[:, 0], model(idx, idx)[0][:, -1], atol=1e-6)
+
+
+def test_generate_top_k_samples_only_from_top_k():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 96, (4, 3))
+    out = model.generate(idx, 20, top_k=1)
+    assert out.shape == (4, 23) and torch.equal(out[:, :3], idx)
+    # top_k=1 is greedy: each new token is the argmax of the model's next-token logits
+    for t in range(3, 23):
+        assert torch.equal(out[:, t], model(out[:, :t])[0][:, -1].argmax(-1))
+    # top_k=5: every sampled token is among the 5 most likely
+    out = model.generate(idx, 30, top_k=5, temperature=2.0)
+    for t in range(3, 33):
+        top5 = model(out[:, :t])[0][:, -1].topk(5).indices
+        assert (top5 == out[:, t:t + 1]).any(dim=1).all()
+
+
+def test_clean_state_dict_reads_compiled_and_non_flash_nanogpt_checkpoints():
+    model = GPT(tiny_config())
+    sd = {'_orig_mod.' + k: v for k, v in model.state_dict().items()}
+    sd['_orig_mod.transformer.h.0.attn.bias'] = torch.ones(1, 1, 32, 32)  # nanoGPT's mask buffer
+    GPT(tiny_config()).load_state_dict(clean_state_dict(sd))
