@@ -1,0 +1,159 @@
+"""
+HellaSwag validation accuracy, completion style, as the GPT-2 reproductions score it: the context
+followed by each of the 4 endings goes through the model, the loss is taken over the ending's
+tokens only, and the ending with the lowest loss is the answer. acc compares the summed losses,
+acc_norm the loss per token (the figure usually quoted: GPT-2 124M gets acc_norm 0.2955).
+    python hellaswag.py --init_from=gpt2
+    python hellaswag.py --out_dir=out-gpt2 --limit=1000
+train.py imports load_hellaswag and evaluate_hellaswag to score its model during training.
+"""
+import json
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from model import GPT, GPTConfig, clean_state_dict
+
+
+def load_hellaswag(path, limit=None):
+    """The items of a HellaSwag jsonl file (keys ctx, endings, label), GPT-2 BPE encoded: dicts of
+    ctx (tokens), endings (4 token lists, each the encoding of ' ' + ending) and label."""
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    examples = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                examples.append(dict(ctx=enc.encode(item['ctx']), label=int(item['label']),
+                                     endings=[enc.encode(' ' + e) for e in item['endings']]))
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{path} line {lineno} is not a HellaSwag item (JSON with ctx, endings, label)")
+            if len(examples[-1]['endings']) != 4:
+                raise ValueError(f"{path} line {lineno} has {len(examples[-1]['endings'])} endings, not 4")
+    return examples
+
+
+@torch.no_grad()
+def score_examples(model, examples, device, ctx=nullcontext(), max_len=None):
+    """Summed loss over each ending's tokens, and their number: two (len(examples), 4) tensors.
+    All candidates of the examples run as one batch, right-padded (padding is never a target).
+    max_len: the longest sequence the model takes; default block_size, none with ALiBi."""
+    if max_len is None and not model.config.alibi:
+        max_len = model.config.block_size
+    rows = []  # (tokens, is_ending) per candidate
+    for ex in examples:
+        for ending in ex['endings']:
+            tokens, is_ending = ex['ctx'] + ending, [False] * len(ex['ctx']) + [True] * len(ending)
+            if max_len is not None:  # too long for the model: crop the context from the left, keeping the ending
+                tokens, is_ending = tokens[-max_len:], is_ending[-max_len:]
+            rows.append((tokens, is_ending))
+    T = max(len(tokens) for tokens, _ in rows)
+    idx = torch.zeros(len(rows), T, dtype=torch.long)
+    targets = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (tokens, is_ending) in enumerate(rows):
+        idx[i, :len(tokens)] = torch.tensor(tokens)
+        # position t predicts token t + 1; only ending tokens are scored
+        targets[i, :len(tokens) - 1] = torch.tensor([t if e else -1 for t, e in zip(tokens[1:], is_ending[1:])])
+    idx, targets = idx.to(device), targets.to(device)
+    with ctx:
+        logits, _ = model(idx, targets)  # with targets the model returns logits at every position
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction='none')
+    sums = losses.view(len(rows), T).sum(1).view(-1, 4)
+    counts = (targets != -1).sum(1).view(-1, 4)
+    return sums.cpu(), counts.cpu()
+
+
+def evaluate_hellaswag(model, examples, device, batch_size=4, ctx=nullcontext(), rank=0, world_size=1,
+                       max_len=None, progress=False):
+    """(num_correct, num_correct_norm, num_total) over this rank's share of examples (every
+    world_size-th one from rank): sum them over ranks for the whole set. batch_size: items per
+    forward pass. model: the plain GPT, not a DDP or compiled wrapper (every batch has a new length)."""
+    mine = examples[rank::world_size]
+    was_training = model.training
+    model.eval()
+    num_correct = num_correct_norm = 0
+    bar = tqdm(total=len(mine), desc='hellaswag', unit='item', disable=not progress)
+    for i in range(0, len(mine), batch_size):
+        batch = mine[i:i + batch_size]
+        sums, counts = score_examples(model, batch, device, ctx, max_len)
+        labels = torch.tensor([ex['label'] for ex in batch])
+        num_correct += (sums.argmin(1) == labels).sum().item()
+        num_correct_norm += ((sums / counts).argmin(1) == labels).sum().item()
+        bar.set_postfix(acc_norm=f"{num_correct_norm / (i + len(batch)):.4f}", refresh=False)
+        bar.update(len(batch))
+    bar.close()
+    model.train(was_training)
+    return num_correct, num_correct_norm, len(mine)
+
+
+if __name__ == '__main__':  # (train.py imports the functions above)
+    # -----------------------------------------------------------------------------
+    init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a GPT-2 name ('gpt2', 'gpt2-medium', ...) or a local Hugging Face directory
+    out_dir = 'out'
+    file = os.path.join('data', 'hellaswag', 'hellaswag_val.jsonl')  # downloaded when absent
+    limit = None  # score only the first limit items
+    batch_size = 4  # items per forward pass, 4 candidates each
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    dtype = 'float32'  # or 'bfloat16' / 'float16' for autocast on CUDA (faster, slightly different figures)
+    exec(open('configurator.py').read())
+    # -----------------------------------------------------------------------------
+    prog = 'hellaswag.py'
+    device_type = 'cuda' if 'cuda' in device else 'cpu'
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
+    if ptdtype is None:
+        sys.exit(f"{prog}: unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    ctx = nullcontext() if device_type == 'cpu' or ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    if init_from == 'resume':
+        ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"{prog}: no {ckpt_path}: train a model first (python train.py ...), or pass --init_from=gpt2")
+        try:
+            checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+            model = GPT(GPTConfig(**checkpoint['model_args']))
+            model.load_state_dict(clean_state_dict(checkpoint['model']))
+        except (KeyError, TypeError, RuntimeError) as e:
+            sys.exit(f"{prog}: {ckpt_path} is not a checkpoint of this model.py ({str(e).strip().splitlines()[0]})")
+        name = out_dir
+    else:
+        try:
+            model = GPT.from_pretrained(init_from)
+        except (OSError, ValueError) as e:
+            sys.exit(f"{prog}: cannot load {init_from!r}: {str(e).strip().splitlines()[0]}")
+        name = init_from
+    if model.config.vocab_size < 50257:
+        sys.exit(f"{prog}: {name} has a vocabulary of {model.config.vocab_size} tokens; HellaSwag needs a model "
+                 f"of GPT-2's BPE tokens (vocab_size >= 50257), not a character-level one")
+    model.to(device)
+
+    if not os.path.exists(file):
+        import urllib.request
+        url = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
+        print(f"downloading {url} to {file}")
+        os.makedirs(os.path.dirname(file) or '.', exist_ok=True)
+        try:
+            urllib.request.urlretrieve(url, file + '.tmp')
+        except OSError as e:
+            sys.exit(f"{prog}: cannot download {url} ({e}); fetch it by hand and pass --file=path/to/hellaswag_val.jsonl")
+        os.replace(file + '.tmp', file)  # never leave a half-downloaded file under the real name
+    try:
+        examples = load_hellaswag(file, limit)
+    except ValueError as e:
+        sys.exit(f"{prog}: {e}")
+    if not examples:
+        sys.exit(f"{prog}: no items to score in {file} (limit={limit})")
+
+    num_correct, num_correct_norm, num_total = evaluate_hellaswag(model, examples, device, batch_size, ctx, progress=True)
+    print(f"hellaswag {name}: {num_total} items, acc {num_correct / num_total:.4f} ({num_correct}/{num_total}), "
+          f"acc_norm {num_correct_norm / num_total:.4f} ({num_correct_norm}/{num_total})")

@@ -1,0 +1,168 @@
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from hellaswag import evaluate_hellaswag, load_hellaswag, score_examples
+from model import GPT, GPTConfig
+
+# items in the layout of hellaswag_val.jsonl (same keys; our own sentences), endings of unequal length
+ITEMS = [
+    dict(ctx_a="A woman stands in a kitchen holding a bowl.", ctx_b="she",
+         endings=["cracks two eggs into the bowl and whisks them.", "flies.",
+                  "puts on a helmet and rides a bicycle down a steep hill.", "sings to the cat."], label=0),
+    dict(ctx_a="Two men are rowing a boat across a lake.", ctx_b="they",
+         endings=["paint the boat red.", "reach the far shore and pull the boat onto the sand.",
+                  "eat.", "start a fire in the middle of the boat and keep rowing."], label=1),
+    dict(ctx_a="A child kneels on the carpet with a box of blocks.", ctx_b="the child",
+         endings=["drives away.", "reads the newspaper aloud to the dog sleeping next to the sofa.",
+                  "stacks the blocks into a tall tower.", "is."], label=2),
+    dict(ctx_a="A man ties his shoes at the door.", ctx_b="he",
+         endings=["opens the door and goes out for a run.", "melts.", "orders a pizza by phone.",
+                  "jumps into the swimming pool with his shoes on and swims ten laps."], label=0),
+    dict(ctx_a="A dog runs across a park after a ball.", ctx_b="the dog",
+         endings=["writes a letter.", "catches it and brings it back to its owner.", "sleeps.",
+                  "climbs a ladder to the roof of a house and sits there watching the birds."], label=1),
+    dict(ctx_a="A girl sits at a piano in a concert hall.", ctx_b="she",
+         endings=["closes the lid and leaves the stage without a word to anyone.", "bakes bread.",
+                  "plays a short piece and the audience claps.", "sneezes."], label=2),
+    dict(ctx_a="People wait at a bus stop in the rain.", ctx_b="a bus",
+         endings=["turns into a boat.", "stops.", "sings loudly.",
+                  "folds its wings, lifts off and flies away over the roofs of the town."], label=1),
+]
+
+
+def write_jsonl(path, items):
+    with open(path, 'w') as f:
+        for i, item in enumerate(items):
+            ctx = item['ctx_a'] + ' ' + item['ctx_b']
+            f.write(json.dumps(dict(ind=i, activity_label='Everyday life', ctx_a=item['ctx_a'], ctx_b=item['ctx_b'],
+                                    ctx=ctx, split='val', split_type='indomain', label=item['label'],
+                                    endings=item['endings'], source_id=f'test~{i}')) + '\n')
+
+
+@pytest.fixture(scope='module')
+def hf_dir(tmp_path_factory):
+    """A small random GPT-2 with GPT-2's vocabulary, in Hugging Face format (no download). Its
+    larger init spread makes the candidates' losses clearly different."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                    initializer_range=0.1))
+    path = tmp_path_factory.mktemp('hf_gpt2')
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def items_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('hellaswag') / 'hellaswag_val.jsonl'
+    write_jsonl(path, ITEMS)
+    return path
+
+
+def reference(hf_dir, items):
+    """Completion-style scoring computed independently with transformers, one candidate at a time:
+    predictions by summed and by mean loss over the ending's tokens, and the summed losses."""
+    import tiktoken
+    from transformers import GPT2LMHeadModel
+    enc = tiktoken.get_encoding('gpt2')
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    preds, preds_norm, all_sums = [], [], []
+    for item in items:
+        ctx = enc.encode(item['ctx_a'] + ' ' + item['ctx_b'])
+        sums, means = [], []
+        for ending in item['endings']:
+            end = enc.encode(' ' + ending)
+            ids = torch.tensor([ctx + end])
+            with torch.no_grad():
+                logprobs = hf(ids).logits[0].log_softmax(-1)
+            nll = [-logprobs[t - 1, ids[0, t]].item() for t in range(len(ctx), ids.size(1))]
+            sums.append(sum(nll))
+            means.append(sum(nll) / len(nll))
+        preds.append(min(range(4), key=sums.__getitem__))
+        preds_norm.append(min(range(4), key=means.__getitem__))
+        all_sums.append(sums)
+    return preds, preds_norm, torch.tensor(all_sums)
+
+
+def test_scoring_matches_transformers(hf_dir, items_file):
+    preds, preds_norm, ref_sums = reference(hf_dir, ITEMS)
+    labels = [item['label'] for item in ITEMS]
+    correct = sum(p == l for p, l in zip(preds, labels))
+    correct_norm = sum(p == l for p, l in zip(preds_norm, labels))
+    # the fixture is a real test: varied choices, some right, summed and per-token loss disagree somewhere
+    assert len(set(preds_norm)) > 1 and preds != preds_norm and correct > 0 and correct_norm > 0
+
+    model = GPT.from_pretrained(str(hf_dir))
+    examples = load_hellaswag(items_file)
+    sums, counts = score_examples(model, examples, 'cpu')
+    assert (sums - ref_sums).abs().max().item() < 1e-3
+    assert sums.argmin(1).tolist() == preds
+    assert (sums / counts).argmin(1).tolist() == preds_norm
+    assert evaluate_hellaswag(model, examples, 'cpu', batch_size=3) == (correct, correct_norm, len(ITEMS))
+    # split over 2 ranks, the shares add up to the whole
+    shares = [evaluate_hellaswag(model, examples, 'cpu', batch_size=2, rank=r, world_size=2) for r in range(2)]
+    assert tuple(map(sum, zip(*shares))) == (correct, correct_norm, len(ITEMS))
+
+
+def test_padding_in_a_batch_changes_nothing():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=2, n_embd=32)).eval()
+    examples = [dict(ctx=torch.randint(0, 100, (n,)).tolist(), label=0,
+                     endings=[torch.randint(0, 100, (k,)).tolist() for k in (2, 5, 3, 7)]) for n in (3, 11, 6)]
+    sums, counts = score_examples(model, examples, 'cpu')
+    alone = torch.cat([score_examples(model, [ex], 'cpu')[0] for ex in examples])
+    assert torch.allclose(sums, alone, atol=1e-5)
+    assert counts.tolist() == [[2, 5, 3, 7]] * 3
+
+
+@pytest.mark.parametrize('alibi', [False, True])
+def test_long_contexts_are_cropped_from_the_left_unless_alibi(alibi):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32, alibi=alibi)).eval()
+    ctx = torch.randint(0, 100, (40,)).tolist()
+    endings = [torch.randint(0, 100, (5,)).tolist() for _ in range(4)]
+    long_sums, _ = score_examples(model, [dict(ctx=ctx, endings=endings, label=0)], 'cpu')
+    cropped_sums, _ = score_examples(model, [dict(ctx=ctx[-11:], endings=endings, label=0)], 'cpu')
+    if alibi:  # ALiBi takes the whole 45 tokens, past its block_size
+        assert not torch.allclose(long_sums, cropped_sums, atol=1e-4)
+    else:  # the last 16 tokens: the end of the context and the whole ending
+        assert torch.allclose(long_sums, cropped_sums, atol=1e-5)
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, 'hellaswag.py', '--device=cpu', *args],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_script_scores_a_checkpoint(hf_dir, items_file, tmp_path):
+    model = GPT.from_pretrained(str(hf_dir))
+    c = model.config
+    model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
+                      bias=c.bias, vocab_size=c.vocab_size, dropout=0.0)  # as an old nanoGPT checkpoint: no flash_attn/alibi
+    torch.save(dict(model=model.state_dict(), model_args=model_args, iter_num=0, config={}), tmp_path / 'ckpt.pt')
+    proc = run_script(f'--out_dir={tmp_path}', f'--file={items_file}', '--limit=5', '--batch_size=2')
+    assert proc.returncode == 0, proc.stderr
+    preds, preds_norm, _ = reference(hf_dir, ITEMS[:5])
+    labels = [item['label'] for item in ITEMS[:5]]
+    correct = sum(p == l for p, l in zip(preds, labels))
+    correct_norm = sum(p == l for p, l in zip(preds_norm, labels))
+    m = re.search(r'5 items, acc ([\d.]+) \((\d+)/5\), acc_norm ([\d.]+) \((\d+)/5\)', proc.stdout)
+    assert m, proc.stdout
+    assert (int(m.group(2)), int(m.group(4))) == (correct, correct_norm)
+    assert float(m.group(3)) == pytest.approx(correct_norm / 5, abs=1e-4)
+
+
+def test_script_refuses_a_character_level_model(items_file, tmp_path):
+    model_args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, bias=False, vocab_size=65, dropout=0.0,
+                      flash_attn=True, alibi=False)
+    torch.save(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args), tmp_path / 'ckpt.pt')
+    proc = run_script(f'--out_dir={tmp_path}', f'--file={items_file}')
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert 'vocabulary of 65 tokens' in proc.stderr and 'GPT-2' in proc.stderr
