@@ -1,0 +1,99 @@
+"""
+Validation loss of a checkpoint at several context lengths: does it still work past the block_size
+it was trained at? Every length scores the same tokens, the start of val.bin cut into windows of that
+length (non-overlapping, as in the ALiBi paper's evaluation), so the figures differ only in how much
+context the model sees. A model with learned positions has none past its block_size: 'n/a' there.
+    python eval_length.py --out_dir=out-shakespeare-char
+    python eval_length.py --out_dir=out-alibi --lengths=64,128,256,512 --json_out=assets/length_alibi.json
+"""
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig, clean_state_dict
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'
+lengths = ''  # comma-separated context lengths, e.g. '64,128,256'; default 0.5x, 1x, 2x and 4x the model's block_size
+num_tokens = 32768  # val tokens scored at every length (rounded down to a multiple of all the lengths)
+batch_tokens = 8192  # tokens per forward pass: batch_tokens // length windows
+dataset = ''  # default: the dataset the checkpoint was trained on
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'float32'  # or 'bfloat16' / 'float16' for autocast on CUDA
+json_out = ''  # also write the results to this JSON file
+exec(open('configurator.py').read())
+# -----------------------------------------------------------------------------
+prog = 'eval_length.py'
+device_type = 'cuda' if 'cuda' in device else 'cpu'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
+if ptdtype is None:
+    sys.exit(f"{prog}: unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+ctx = nullcontext() if device_type == 'cpu' or ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if not os.path.exists(ckpt_path):
+    sys.exit(f"{prog}: no {ckpt_path}: train a model first (python train.py --out_dir={out_dir} ...)")
+try:
+    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    model = GPT(GPTConfig(**checkpoint['model_args']))
+    model.load_state_dict(clean_state_dict(checkpoint['model']))
+except (KeyError, TypeError, RuntimeError) as e:
+    sys.exit(f"{prog}: {ckpt_path} is not a checkpoint of this model.py ({str(e).strip().splitlines()[0]})")
+model.eval().to(device)
+block_size, alibi = model.config.block_size, model.config.alibi
+
+dataset = dataset or checkpoint.get('config', {}).get('dataset', '')
+val_path = os.path.join('data', dataset, 'val.bin')
+if not dataset or not os.path.exists(val_path):
+    sys.exit(f"{prog}: no {val_path}: run python data/{dataset or '<dataset>'}/prepare.py first, or pass --dataset=")
+data = np.memmap(val_path, dtype=np.uint16, mode='r')
+
+if lengths:
+    if not all(s.strip().isdigit() and int(s) > 0 for s in lengths.split(',')):
+        sys.exit(f"{prog}: lengths={lengths!r} is not a list of positive integers like '64,128,256'")
+    context_lengths = [int(s) for s in lengths.split(',')]
+else:
+    context_lengths = [block_size // 2, block_size, 2 * block_size, 4 * block_size]
+fits = [L for L in context_lengths if L < len(data)]  # a window of L tokens needs L + 1 (its targets are shifted by one)
+if not fits:
+    sys.exit(f"{prog}: {val_path} has only {len(data)} tokens, too few for any of the lengths {context_lengths}")
+# the same tokens for every length (and for every model evaluated on this dataset with these lengths)
+n = min(num_tokens, len(data) - 1) // math.lcm(*fits) * math.lcm(*fits)
+if n == 0:
+    sys.exit(f"{prog}: num_tokens={num_tokens} is less than {math.lcm(*fits)}, the least multiple of the lengths {fits}")
+x_all = torch.from_numpy(data[:n].astype(np.int64))
+y_all = torch.from_numpy(data[1:n + 1].astype(np.int64))
+
+results = []
+for L in context_lengths:
+    if not alibi and L > block_size:
+        results.append(dict(length=L, loss=None, note=f"learned positions stop at block_size={block_size}"))
+        continue
+    if L not in fits:
+        results.append(dict(length=L, loss=None, note=f"{val_path} has only {len(data)} tokens"))
+        continue
+    x, y = x_all.view(-1, L), y_all.view(-1, L)
+    per_batch = max(1, batch_tokens // L)
+    loss_sum = 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), per_batch):
+            with ctx:
+                _, loss = model(x[i:i + per_batch].to(device), y[i:i + per_batch].to(device))
+            loss_sum += loss.item() * len(x[i:i + per_batch])  # the batch mean, weighted by its windows
+    results.append(dict(length=L, loss=loss_sum / len(x)))
+
+print(f"{out_dir} ({'ALiBi' if alibi else 'learned positions'}, block_size {block_size}): "
+      f"val loss over the first {n} tokens of {val_path}")
+print(f"{'context':>8} {'x block':>8}  val loss")
+for r in results:
+    print(f"{r['length']:>8} {r['length'] / block_size:>7g}x  " + (f"{r['loss']:.4f}" if r['loss'] is not None else f"n/a ({r['note']})"))
+if json_out:
+    os.makedirs(os.path.dirname(json_out) or '.', exist_ok=True)
+    with open(json_out, 'w') as f:
+        json.dump(dict(out_dir=out_dir, dataset=dataset, alibi=alibi, block_size=block_size, tokens=n, results=results), f, indent=1)
+    print(f"wrote {json_out}")

@@ -1,0 +1,86 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from model import GPT, GPTConfig
+
+VOCAB = 50
+
+
+@pytest.fixture(scope='module')
+def project(tmp_path_factory):
+    """A project directory as train.py leaves it: data/tiny/val.bin and two trained-at-16 checkpoints,
+    one with learned positions and one with ALiBi."""
+    root = tmp_path_factory.mktemp('project')
+    shutil.copy(os.path.join(ROOT, 'configurator.py'), root)
+    (root / 'data' / 'tiny').mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rng.integers(0, VOCAB, 3000).astype(np.uint16).tofile(root / 'data' / 'tiny' / 'val.bin')
+    for name, alibi in [('out-learned', False), ('out-alibi', True)]:
+        torch.manual_seed(0)
+        model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False, vocab_size=VOCAB,
+                          dropout=0.0, flash_attn=True, alibi=alibi)
+        (root / name).mkdir()
+        torch.save(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args, iter_num=0,
+                        config=dict(dataset='tiny', block_size=16)), root / name / 'ckpt.pt')
+    return root
+
+
+def run(project, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'eval_length.py'), '--device=cpu', *args],
+                          capture_output=True, text=True, cwd=project)
+
+
+def expected_loss(project, out_dir, length, n):
+    """Mean next-token loss over the first n val tokens cut into windows of length, computed here."""
+    ckpt = torch.load(project / out_dir / 'ckpt.pt', weights_only=True)
+    model = GPT(GPTConfig(**ckpt['model_args'])).eval()
+    model.load_state_dict(ckpt['model'])
+    data = torch.from_numpy(np.fromfile(project / 'data' / 'tiny' / 'val.bin', dtype=np.uint16).astype(np.int64))
+    with torch.no_grad():
+        _, loss = model(data[:n].view(-1, length), data[1:n + 1].view(-1, length))
+    return loss.item()
+
+
+def test_alibi_is_evaluated_past_its_block_size(project):
+    proc = run(project, '--out_dir=out-alibi', '--json_out=alibi.json', '--num_tokens=2048', '--batch_tokens=256')
+    too_long = run(project, '--out_dir=out-alibi', '--lengths=16,5000')
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads((project / 'alibi.json').read_text())
+    assert out['alibi'] and out['block_size'] == 16 and out['tokens'] == 2048
+    assert [r['length'] for r in out['results']] == [8, 16, 32, 64]
+    for r in out['results']:
+        assert r['loss'] == pytest.approx(expected_loss(project, 'out-alibi', r['length'], 2048), abs=1e-5)
+    assert '     64       4x  ' in proc.stdout
+    assert too_long.returncode == 0 and 'n/a (data/tiny/val.bin has only 3000 tokens)' in too_long.stdout
+
+
+def test_learned_positions_stop_at_block_size(project):
+    proc = run(project, '--out_dir=out-learned', '--lengths=8,16,32,5000', '--json_out=learned.json')
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads((project / 'learned.json').read_text())
+    by_length = {r['length']: r for r in out['results']}
+    # the same tokens as with the lengths an ALiBi model can use: 5000 does not fit in val.bin
+    n = (3000 - 1) // 32 * 32  # the tokens with a target, rounded down to a multiple of 8, 16 and 32
+    assert out['tokens'] == n
+    for L in (8, 16):
+        assert by_length[L]['loss'] == pytest.approx(expected_loss(project, 'out-learned', L, n), abs=1e-5)
+    assert by_length[32]['loss'] is None and 'block_size=16' in by_length[32]['note']
+    assert by_length[5000]['loss'] is None
+    assert 'n/a (learned positions stop at block_size=16)' in proc.stdout
+
+
+def test_bad_input_is_one_line(project):
+    for args, fragment in [(['--out_dir=out-none'], 'no out-none/ckpt.pt'),
+                           (['--out_dir=out-alibi', '--dataset=absent'], 'prepare.py'),
+                           (['--out_dir=out-alibi', '--lengths=64,x'], 'positive integers')]:
+        proc = run(project, *args)
+        assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and fragment in proc.stderr
