@@ -71,11 +71,11 @@ y_all = torch.from_numpy(data[1:n + 1].astype(np.int64))
 
 results = []
 for L in context_lengths:
-    if not alibi and L > block_size:
-        results.append(dict(length=L, loss=None, note=f"learned positions stop at block_size={block_size}"))
-        continue
     if L not in fits:
         results.append(dict(length=L, loss=None, note=f"{val_path} has only {len(data)} tokens"))
+        continue
+    if not alibi and L > block_size:
+        results.append(dict(length=L, loss=None, note=f"learned positions stop at block_size={block_size}"))
         continue
     x, y = x_all.view(-1, L), y_all.view(-1, L)
     per_batch = max(1, batch_tokens // L)

@@ -19,6 +19,15 @@ from tqdm import tqdm
 from model import GPT, GPTConfig, clean_state_dict
 
 
+def download_hellaswag(path, url='https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'):
+    """Fetch the validation set (10042 items) to path. Raises OSError when it cannot."""
+    import urllib.request
+    print(f"downloading {url} to {path}")
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    urllib.request.urlretrieve(url, path + '.tmp')
+    os.replace(path + '.tmp', path)  # never a half-downloaded file under the real name
+
+
 def load_hellaswag(path, limit=None):
     """The items of a HellaSwag jsonl file (keys ctx, endings, label), GPT-2 BPE encoded: dicts of
     ctx (tokens), endings (4 token lists, each the encoding of ' ' + ending) and label."""
@@ -138,15 +147,11 @@ if __name__ == '__main__':  # (train.py imports the functions above)
     model.to(device)
 
     if not os.path.exists(file):
-        import urllib.request
-        url = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
-        print(f"downloading {url} to {file}")
-        os.makedirs(os.path.dirname(file) or '.', exist_ok=True)
         try:
-            urllib.request.urlretrieve(url, file + '.tmp')
+            download_hellaswag(file)
         except OSError as e:
-            sys.exit(f"{prog}: cannot download {url} ({e}); fetch it by hand and pass --file=path/to/hellaswag_val.jsonl")
-        os.replace(file + '.tmp', file)  # never leave a half-downloaded file under the real name
+            sys.exit(f"{prog}: cannot download {file} ({e}); fetch hellaswag_val.jsonl from github.com/rowanz/hellaswag "
+                     f"by hand and pass --file=path/to/it")
     try:
         examples = load_hellaswag(file, limit)
     except ValueError as e:
