@@ -1,8 +1,8 @@
 """
-FineWeb-Edu (HuggingFaceFW/fineweb-edu, the sample-10BT subset: about 9.7M documents and 10B GPT-2
-tokens of educational web pages) in GPT-2 BPE, every document followed by <|endoftext|>. The dataset
-is streamed, so neither the download nor the corpus is ever held whole, on disk or in memory; every
-2000th document goes to val.bin, the others to train.bin (~20 GB for the whole sample), next to this file.
+FineWeb-Edu (HuggingFaceFW/fineweb-edu), educational web pages, in GPT-2 BPE, every document followed
+by <|endoftext|>; by default its sample-10BT subset (about 10B GPT-2 tokens). The dataset is streamed,
+so the corpus is never held whole, on disk or in memory; every 2000th document goes to val.bin, the
+others to train.bin (~20 GB for the whole sample), next to this file.
 """
 import argparse
 import itertools
