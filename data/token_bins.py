@@ -117,10 +117,11 @@ def write_stream(records, out_dir, val_every=2000, num_threads=8, batch_docs=102
                 n_tokens[split] += len(split_ids[split])
             bar.update(len(texts))
             bar.set_postfix(train_tokens=f"{n_tokens['train']:,}", val_tokens=f"{n_tokens['val']:,}")
-    if n_tokens['val'] == 0:
-        fail(f"empty input: no documents to write to {out_dir}")
-    if n_tokens['train'] == 0:
-        fail(f"only {bar.n} document(s), all in val (every {val_every}th goes there): train would be empty")
+    if n_tokens['val'] == 0 or n_tokens['train'] == 0:
+        for path in paths.values():
+            os.remove(path + '.tmp')
+        fail(f"empty input: no documents to write to {out_dir}" if n_tokens['val'] == 0 else
+             f"only {bar.n} document(s), all in val (every {val_every}th goes there): train would be empty")
     for path in paths.values():
         os.replace(path + '.tmp', path)
     return n_tokens

@@ -33,7 +33,7 @@ if args.model:
     from transformers import AutoModelForCausalLM
     try:
         model = AutoModelForCausalLM.from_pretrained(args.model)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a folder that holds no causal language model
         where = "the local folder" if os.path.isdir(args.model) else "no local folder, nor the Hugging Face model"
         fail(f"cannot load {args.model}: {where} ({str(e).splitlines()[0]})")
     wte = model.get_input_embeddings().weight.detach()
@@ -57,23 +57,22 @@ else:
     match = np.zeros(vocab_size, dtype=np.int8)  # 0: no match, 1: case-folded, 2: exact
     with open(args.glove, encoding='utf-8', errors='replace') as f:
         first = f.readline().rstrip().split(' ')
-        if len(first) == 2 and all(x.isdigit() for x in first):  # word2vec's header line: count and width
-            dim, lines = int(first[1]), f
-        else:
-            dim, lines = len(first) - 1, itertools.chain([' '.join(first)], f)
+        header = len(first) == 2 and all(x.isdigit() for x in first)  # word2vec's: word count and width
+        dim = int(first[1]) if header else len(first) - 1
+        lines = f if header else itertools.chain([' '.join(first)], f)
         if dim < 1:
             fail(f"{args.glove} does not look like word vectors: expected 'word v1 ... vD' per line")
         vectors = torch.zeros(vocab_size, dim)
-        for line_no, line in enumerate(lines, 1):
+        for line_no, line in enumerate(lines, 2 if header else 1):
             parts = line.rstrip().rsplit(' ', dim)  # the word itself may hold spaces (GloVe 840B has some)
             ids, ids_folded = exact_ids.get(parts[0], []), folded_ids.get(parts[0].casefold(), [])
             if not ids and not ids_folded:
                 continue
             try:
                 vector = torch.tensor([float(x) for x in parts[1:]])
-            except ValueError:
-                vector = None
-            if vector is None or len(vector) != dim:
+            except ValueError:  # a word among the numbers
+                vector = torch.zeros(0)
+            if len(vector) != dim:
                 fail(f"{args.glove}, line {line_no}: expected a word and {dim} numbers")
             for i in ids:
                 if match[i] < 2:  # the first exact match wins
