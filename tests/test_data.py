@@ -211,10 +211,18 @@ def test_embmatrix_errors_are_one_line(tmp_path):
     assert not (tmp_path / 'emb_mat.pt').exists()
 
 
-def test_embeddings_from_a_trained_model_beat_random_ones(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: torch's threads only add overhead (tens of seconds on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_embeddings_from_a_trained_model_beat_random_ones(tmp_path, one_thread):
     """Tokens come in groups, and the next token's group follows from the current one's: a model that
     starts from embeddings learned on this data (grouped tokens) learns faster than one from random."""
-    torch.set_num_threads(1)
     V, G, T = 96, 12, 16
     g = torch.Generator().manual_seed(0)
     group = torch.randperm(V, generator=g) % G
