@@ -38,7 +38,8 @@ if args.model:
         fail(f"cannot load {args.model}: {where} ({str(e).splitlines()[0]})")
     wte = model.get_input_embeddings().weight.detach()
     if wte.size(0) < vocab_size:
-        fail(f"{args.model} has {wte.size(0):,} token embeddings, fewer than GPT-2's {vocab_size:,}: not a GPT-2 vocabulary")
+        fail(f"{args.model} has {wte.size(0):,} token embeddings, fewer than GPT-2's {vocab_size:,}: "
+             f"not a GPT-2 vocabulary")
     emb = wte[:vocab_size].float()
     print(f"took all {vocab_size:,} rows of {args.model}'s token embeddings (width {emb.size(1)})")
 else:
