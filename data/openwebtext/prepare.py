@@ -30,10 +30,8 @@ if not 0 < n_val < n_docs:
     fail(f"--val_fraction={args.val_fraction} of {n_docs:,} documents leaves an empty split; pick a value between "
          f"{1 / n_docs:.2g} and {1 - 1 / n_docs:.6g}")
 split_dataset = dataset['train'].train_test_split(test_size=n_val, seed=2357, shuffle=True)
-split_dataset['val'] = split_dataset.pop('test')  # rename the test split to val
+split_dataset['val'] = split_dataset.pop('test')  # train.py calls it val
 
 for split, dset in split_dataset.items():
     n_tokens = write_dataset(dset, os.path.join(here, f'{split}.bin'), num_proc=args.num_proc)
     print(f"{split}.bin: {n_tokens:,} tokens from {len(dset):,} documents")
-# to read the bin files later, e.g. with numpy:
-# m = np.memmap('train.bin', dtype=np.uint16, mode='r')
