@@ -1,0 +1,37 @@
+"""
+Tiny Shakespeare in GPT-2 BPE, as nanoGPT prepares it: the first 90% of the characters are train,
+the rest val, each encoded with encode_ordinary. Gives train.bin (301,966 tokens) and val.bin
+(36,059 tokens) next to this file, for config/finetune_shakespeare.py.
+"""
+import argparse
+import os
+import sys
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from token_bins import encode_text, fail, gpt2_encoding, write_bin
+
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+here = os.path.dirname(os.path.abspath(__file__))
+input_file_path = os.path.join(here, 'input.txt')
+if not os.path.exists(input_file_path):
+    data_url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+    try:
+        urllib.request.urlretrieve(data_url, input_file_path + '.tmp')
+    except OSError as e:
+        fail(f"cannot download {data_url} ({e}); put Tiny Shakespeare at {input_file_path} instead")
+    os.replace(input_file_path + '.tmp', input_file_path)
+
+with open(input_file_path, encoding='utf-8') as f:
+    data = f.read()
+n = len(data)
+train_data = data[:int(n * 0.9)]
+val_data = data[int(n * 0.9):]
+
+enc = gpt2_encoding()
+train_ids = encode_text(train_data, enc)
+val_ids = encode_text(val_data, enc)
+print(f"train has {len(train_ids):,} tokens")
+print(f"val has {len(val_ids):,} tokens")
+write_bin(train_ids, os.path.join(here, 'train.bin'))
+write_bin(val_ids, os.path.join(here, 'val.bin'))

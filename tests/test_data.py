@@ -1,0 +1,269 @@
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+from conftest import ROOT, SHARED
+
+sys.path.insert(0, os.path.join(ROOT, 'data'))
+import token_bins  # noqa: E402
+from model import GPT, GPTConfig, fit_embedding_matrix  # noqa: E402
+
+SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare', 'input.txt')
+enc = tiktoken.get_encoding('gpt2')
+EOT = enc.eot_token
+DOCS = ['Hello world', '', 'The quick brown fox.\n\n  Jumps over\n the lazy dog. ', 'naïve café 日本語 🙂\n',
+        "It's 3.14 -- isn't it?"]
+
+
+def run(script, *args, cwd=ROOT):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd, capture_output=True, text=True)
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode != 0
+    assert 'Traceback' not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    for word in words:
+        assert word in last
+
+
+def read_bin(path):
+    return np.fromfile(path, dtype=np.uint16)
+
+
+def bpe_stream(docs):
+    return np.array([t for doc in docs for t in enc.encode_ordinary(doc) + [EOT]], dtype=np.uint16)
+
+
+def test_shakespeare_bpe_gives_nanogpts_token_counts(tmp_path):
+    if not os.path.exists(SHAKESPEARE):
+        pytest.skip(f"needs Tiny Shakespeare at {SHAKESPEARE}")
+    (tmp_path / 'data' / 'shakespeare').mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, 'data', 'token_bins.py'), tmp_path / 'data')
+    shutil.copy(os.path.join(ROOT, 'data', 'shakespeare', 'prepare.py'), tmp_path / 'data' / 'shakespeare')
+    shutil.copyfile(SHAKESPEARE, tmp_path / 'data' / 'shakespeare' / 'input.txt')
+    result = run('data/shakespeare/prepare.py', cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    train, val = (read_bin(tmp_path / 'data' / 'shakespeare' / f'{s}.bin') for s in ('train', 'val'))
+    assert (len(train), len(val)) == (301_966, 36_059)
+    text = open(SHAKESPEARE, encoding='utf-8').read()
+    assert train.tolist() == enc.encode_ordinary(text[:int(len(text) * 0.9)])
+    assert enc.decode(val.tolist()) == text[int(len(text) * 0.9):]
+
+
+def test_encode_text_cuts_long_texts_without_changing_tokens():
+    text = ''.join(f"line {i}:  spaces before the newline  \n\n\tnext\n word's end.\n" for i in range(300))
+    if os.path.exists(SHAKESPEARE):
+        text += open(SHAKESPEARE, encoding='utf-8').read()[:50_000]
+    for chunk_chars in (7, 1000):
+        ids = token_bins.encode_text(text, enc, chunk_chars=chunk_chars, num_threads=2)
+        assert ids.dtype == np.uint16
+        assert ids.tolist() == enc.encode_ordinary(text)
+    assert len(token_bins.encode_text('', enc)) == 0
+
+
+@pytest.mark.parametrize('num_proc', [1, 2])
+def test_write_dataset_writes_every_document_then_eot_in_order(tmp_path, num_proc):
+    from datasets import Dataset
+    docs = DOCS * 3
+    dset = Dataset.from_dict({'text': docs, 'url': [f'u{i}' for i in range(len(docs))]})
+    path = str(tmp_path / 'train.bin')
+    n_tokens = token_bins.write_dataset(dset, path, num_proc=num_proc, batch_rows=4)
+    expected = bpe_stream(docs)
+    assert n_tokens == len(expected)
+    assert np.array_equal(read_bin(path), expected)
+    assert os.listdir(tmp_path) == ['train.bin']  # no .tmp left behind
+
+
+def test_write_dataset_refuses_an_empty_dataset(tmp_path):
+    from datasets import Dataset
+    with pytest.raises(SystemExit, match='empty input'):
+        token_bins.write_dataset(Dataset.from_dict({'text': []}), str(tmp_path / 'train.bin'), num_proc=1)
+    assert not os.listdir(tmp_path)
+
+
+def test_write_stream_splits_any_iterable_of_records(tmp_path):
+    docs = [f"document {i}: " + DOCS[i % len(DOCS)] for i in range(11)]
+    records = ({'text': doc, 'id': i} for i, doc in enumerate(docs))  # a generator, as a stream is
+    n_tokens = token_bins.write_stream(records, str(tmp_path), val_every=4, num_threads=2, batch_docs=3)
+    val_docs = [doc for i, doc in enumerate(docs) if i % 4 == 0]
+    train_docs = [doc for i, doc in enumerate(docs) if i % 4 != 0]
+    assert np.array_equal(read_bin(tmp_path / 'val.bin'), bpe_stream(val_docs))
+    assert np.array_equal(read_bin(tmp_path / 'train.bin'), bpe_stream(train_docs))
+    assert n_tokens == {'train': len(bpe_stream(train_docs)), 'val': len(bpe_stream(val_docs))}
+    assert sorted(os.listdir(tmp_path)) == ['train.bin', 'val.bin']
+
+
+def test_write_stream_refuses_empty_input_and_an_empty_train_split(tmp_path):
+    with pytest.raises(SystemExit, match='empty input'):
+        token_bins.write_stream(iter([]), str(tmp_path))
+    with pytest.raises(SystemExit, match='train would be empty'):
+        token_bins.write_stream([{'text': 'only one'}], str(tmp_path), val_every=2000)
+    assert not os.listdir(tmp_path)
+
+
+@pytest.fixture
+def text_folder(tmp_path):
+    folder = tmp_path / 'texts'
+    (folder / 'sub').mkdir(parents=True)
+    files = {'b.txt': 'Second file.\n' * 40, 'a.txt': 'First file, first line.\nSecond line!\n' * 30,
+             'sub/c.txt': 'Nested: ümlaut and 🙂 emoji.\n' * 20}
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding='utf-8')
+    (folder / 'notes.md').write_text('not a .txt file', encoding='utf-8')
+    return folder, [files[name] for name in ('a.txt', 'b.txt', 'sub/c.txt')]  # sorted path order
+
+
+def test_own_text_folder_in_gpt2_bpe(tmp_path, text_folder):
+    folder, docs = text_folder
+    out = tmp_path / 'mydata'
+    out.mkdir()
+    (out / 'meta.pkl').write_bytes(b'stale')  # from an earlier --char run
+    result = run('data/text/prepare.py', folder, '--out_dir', out)
+    assert result.returncode == 0, result.stderr
+    train, val = read_bin(out / 'train.bin'), read_bin(out / 'val.bin')
+    expected = bpe_stream(docs)
+    assert np.array_equal(np.concatenate([train, val]), expected)
+    assert len(train) == int(len(expected) * 0.9)
+    assert not (out / 'meta.pkl').exists()  # else train.py would read the bins as characters
+
+
+def test_own_text_file_in_characters(tmp_path, text_folder):
+    folder, docs = text_folder
+    result = run('data/text/prepare.py', folder / 'sub' / 'c.txt', '--char', '--out_dir', tmp_path)
+    assert result.returncode == 0, result.stderr
+    meta = pickle.loads((tmp_path / 'meta.pkl').read_bytes())
+    assert meta['vocab_size'] == len(set(docs[2])) == len(meta['itos'])
+    assert all(meta['stoi'][c] == i for i, c in meta['itos'].items())
+    train, val = read_bin(tmp_path / 'train.bin'), read_bin(tmp_path / 'val.bin')
+    assert len(train) == int(len(docs[2]) * 0.9)
+    assert ''.join(meta['itos'][i] for i in np.concatenate([train, val])) == docs[2]
+
+
+def test_own_text_errors_are_one_line(tmp_path, text_folder):
+    folder, _ = text_folder
+    assert_one_line_error(run('data/text/prepare.py', tmp_path / 'missing.txt', '--out_dir', tmp_path), 'missing.txt')
+    (tmp_path / 'empty.txt').write_text('')
+    assert_one_line_error(run('data/text/prepare.py', tmp_path / 'empty.txt', '--out_dir', tmp_path), 'empty input')
+    assert_one_line_error(run('data/text/prepare.py', folder, '--val_fraction', 0, '--out_dir', tmp_path),
+                          'val split is empty')
+    # more distinct characters than uint16 ids can number (planes 1 and 2: no surrogates)
+    (tmp_path / 'huge_vocab.txt').write_text(''.join(map(chr, range(0x10000, 0x10000 + 70_000))), encoding='utf-8')
+    assert_one_line_error(run('data/text/prepare.py', tmp_path / 'huge_vocab.txt', '--char', '--out_dir', tmp_path),
+                          '65536')
+    assert not (tmp_path / 'train.bin').exists()
+
+
+def test_network_prepare_scripts_fail_in_one_line_when_offline():
+    for script in ('data/openwebtext/prepare.py', 'data/fineweb/prepare.py'):
+        assert_one_line_error(run(script), 'cannot')
+
+
+def test_embmatrix_copies_a_gpt2_models_wte(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=enc.n_vocab, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+    hf.save_pretrained(tmp_path / 'hf')
+    result = run('data/openwebtext/embmatrix.py', '--model', tmp_path / 'hf', '--out', tmp_path / 'emb_mat.pt')
+    assert result.returncode == 0, result.stderr
+    emb = torch.load(tmp_path / 'emb_mat.pt', weights_only=True)
+    assert emb.dtype == torch.float32
+    assert torch.equal(emb, hf.transformer.wte.weight.detach())
+
+
+def test_embmatrix_maps_glove_words_onto_gpt2_tokens(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    words = ['the', 'The', 'hello', 'world', ',', 'KING', 'king', 'a b', 'zzzqqxx']
+    vectors = {w: torch.randn(5, generator=g) for w in words}
+    lines = [w + ' ' + ' '.join(f'{x:.6f}' for x in v.tolist()) for w, v in vectors.items()]
+    (tmp_path / 'glove.txt').write_text('\n'.join(lines) + '\n', encoding='utf-8')
+    result = run('data/openwebtext/embmatrix.py', '--glove', tmp_path / 'glove.txt', '--out', tmp_path / 'emb_mat.pt')
+    assert result.returncode == 0, result.stderr
+    emb = torch.load(tmp_path / 'emb_mat.pt', weights_only=True)
+    assert emb.shape == (enc.n_vocab, 5)
+
+    def row(token):
+        [i] = enc.encode_ordinary(token)
+        return emb[i]
+    for token, word in [('the', 'the'), (' the', 'the'), ('The', 'The'), (' The', 'The'), (',', ','),
+                        (' hello', 'hello'), (' Hello', 'hello'), (' king', 'king'), (' KING', 'KING'),
+                        (' King', 'KING')]:  # exact first; else the first case-folded word in the file
+        assert torch.allclose(row(token), vectors[word], atol=1e-6), token
+    matched = torch.stack([torch.isclose(emb, v, atol=1e-6).all(1) for v in vectors.values()]).any(0)
+    assert f"found {int(matched.sum()):,} of 50,257 GPT-2 tokens" in result.stdout
+    assert not torch.allclose(row(' a'), vectors['a b'], atol=1e-6)  # 'a b' is one word with a space in it
+    unknown = emb[~matched]
+    assert torch.isfinite(unknown).all() and unknown.std(0).min() > 0.1  # random rows, not zeros
+
+
+def test_embmatrix_errors_are_one_line(tmp_path):
+    assert_one_line_error(run('data/openwebtext/embmatrix.py', '--glove', tmp_path / 'nope.txt'), 'nope.txt')
+    (tmp_path / 'nonsense.txt').write_text('qqqzzzx 1 2\nxxqqzzw 3 4\n')
+    assert_one_line_error(run('data/openwebtext/embmatrix.py', '--glove', tmp_path / 'nonsense.txt',
+                              '--out', tmp_path / 'emb_mat.pt'), 'no GPT-2 token found')
+    assert not (tmp_path / 'emb_mat.pt').exists()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: torch's threads only add overhead (tens of seconds on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_embeddings_from_a_trained_model_beat_random_ones(tmp_path, one_thread):
+    """Tokens come in groups, and the next token's group follows from the current one's: a model that
+    starts from embeddings learned on this data (grouped tokens) learns faster than one from random."""
+    V, G, T = 96, 12, 16
+    g = torch.Generator().manual_seed(0)
+    group = torch.randperm(V, generator=g) % G
+    next_group = torch.randperm(G, generator=g)
+    members = [torch.nonzero(group == k).flatten() for k in range(G)]
+    seq = [0]
+    for r in torch.randint(V, (20_000,), generator=g).tolist():
+        m = members[next_group[group[seq[-1]]]]
+        seq.append(int(m[r % len(m)]))
+    data = torch.tensor(seq)
+
+    def batches(seed, n, batch_size=32):
+        gb = torch.Generator().manual_seed(seed)
+        for _ in range(n):
+            ix = torch.randint(len(data) - T - 1, (batch_size,), generator=gb).tolist()
+            yield torch.stack([data[i:i + T] for i in ix]), torch.stack([data[i + 1:i + T + 1] for i in ix])
+
+    def train(model, seed, steps, lr):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        for x, y in batches(seed, steps):
+            _, loss = model(x, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    @torch.no_grad()
+    def val_loss(model):
+        return sum(model(x, y)[1].item() for x, y in batches(999, 5)) / 5
+
+    def config(n_embd):
+        return GPTConfig(block_size=T, vocab_size=V, n_layer=1, n_head=2, n_embd=n_embd, dropout=0.0)
+    torch.manual_seed(1)
+    donor = GPT(config(32))
+    train(donor, seed=1, steps=150, lr=3e-3)
+    torch.save(donor.transformer.wte.weight.detach().clone(), tmp_path / 'emb_mat.pt')
+    emb = torch.load(tmp_path / 'emb_mat.pt', weights_only=True)  # as train.py reads it
+    for n_embd in (32, 48):  # the same width, and a wider model through the fixed projection
+        torch.manual_seed(2)
+        pretrained = GPT(config(n_embd), embedding_matrix=fit_embedding_matrix(emb, n_embd))
+        torch.manual_seed(2)
+        scratch = GPT(config(n_embd))
+        train(pretrained, seed=2, steps=40, lr=1e-3)
+        train(scratch, seed=2, steps=40, lr=1e-3)
+        assert val_loss(pretrained) < val_loss(scratch) - 0.25, n_embd
