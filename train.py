@@ -1,12 +1,12 @@
 """
-Trains a GPT, in one process or many. On one CPU or GPU:
+Trains a GPT on the token bins of data/<dataset>, in one process or, under torchrun, in many with
+DistributedDataParallel (DDP). One process, on a CPU or one GPU:
 $ python train.py config/train_shakespeare_char.py --device=cpu --compile=False
-With DistributedDataParallel (DDP) on the 8 GPUs of one node:
+All 8 GPUs of one machine:
 $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
-On 2 nodes of 8 GPUs, run on the first (master) node, whose IP is 123.456.123.456:
-$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train.py
-and on the second node the same with --node_rank=1
-(if the nodes have no Infiniband, prepend NCCL_IB_DISABLE=1).
+Two machines of 8 GPUs: the same command on both, --node_rank=0 on the one at --master_addr:
+$ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py config/train_gpt2.py
+(NCCL_IB_DISABLE=1 in front when the machines are linked by plain Ethernet rather than Infiniband).
 """
 
 import os
@@ -25,53 +25,53 @@ from torch.distributed import init_process_group, destroy_process_group
 from model import GPTConfig, GPT, clean_state_dict, fit_embedding_matrix
 
 # -----------------------------------------------------------------------------
-# default settings: train a GPT-2 (124M) on OpenWebText
-# I/O
+# settings; the defaults train GPT-2 small (124M) on OpenWebText
+# output and evaluation
 out_dir = 'out'
 eval_interval = 2000
 log_interval = 1
 eval_iters = 200
-eval_only = False  # if True, evaluate once and exit
-always_save_checkpoint = True  # if True, save a checkpoint at every evaluation, else only when val loss improves
+eval_only = False  # evaluate once, then stop
+always_save_checkpoint = True  # save at every evaluation; False: only when val loss is the best so far
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2*' or a Hugging Face GPT-2 directory
-# wandb logging
+# Weights & Biases
 wandb_log = False
 wandb_project = 'owt'
 wandb_run_name = 'gpt2'
 # data
 dataset = 'openwebtext'
-gradient_accumulation_steps = 5 * 8  # of the whole batch; divided among the processes under DDP
-batch_size = 12  # micro-batch size of one process
+gradient_accumulation_steps = 5 * 8  # micro-steps per iteration, in all; shared out among DDP processes
+batch_size = 12  # sequences per micro-step
 block_size = 1024
 eval_block_size = None  # context length of evaluations; None: the same as block_size
-seed = 1337
+seed = 1337  # decides the initial weights, the training batches and dropout
 # model
 n_layer = 12
 n_head = 12
 n_embd = 768
-dropout = 0.0  # 0 for pretraining is good, for finetuning try 0.1+
-bias = False  # bias inside LayerNorm and Linear layers?
+dropout = 0.0  # pretraining does well without; finetuning may want 0.1 or more
+bias = False  # biases in Linears and LayerNorms (GPT-2 has them; without is a bit faster)
 flash_attn = True  # attention through scaled_dot_product_attention, else the explicit softmax
 alibi = False  # ALiBi position biases instead of learned position embeddings
 pre_trained_embs = False  # start the token embeddings from data/<dataset>/emb_mat.pt
-# AdamW optimizer
-learning_rate = 6e-4  # max learning rate
-max_iters = 600000  # total number of training iterations
+# AdamW
+learning_rate = 6e-4  # the peak, reached after warmup
+max_iters = 600000  # optimizer steps in all
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
-grad_clip = 1.0  # clip gradients at this norm, or disable if == 0.0
-# learning rate decay
-decay_lr = True  # whether to decay the learning rate
+grad_clip = 1.0  # largest gradient norm; 0.0: no clipping
+# learning rate schedule
+decay_lr = True  # False: learning_rate throughout
 warmup_iters = 2000
-lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
-min_lr = 6e-5  # should be ~= learning_rate/10 per Chinchilla
+lr_decay_iters = 600000  # end of the cosine; Chinchilla suggests about max_iters
+min_lr = 6e-5  # where it ends; Chinchilla suggests about learning_rate / 10
 # DDP
-backend = 'nccl'  # for CUDA; processes on CPU always use 'gloo'
-# system
-device = 'cuda'  # 'cpu', 'cuda', 'cuda:0', 'mps', ...
+backend = 'nccl'  # between GPUs; processes on CPUs always talk through 'gloo'
+# hardware
+device = 'cuda'  # or 'cpu', 'cuda:1', 'mps'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'  # or 'float32'; CPU runs in float32
-compile = True  # torch.compile the model
+compile = True  # torch.compile the model: slower start, faster steps
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
 exec(open('configurator.py').read())  # overrides from the command line or a config file
