@@ -202,7 +202,7 @@ try:
         try:
             model.load_state_dict(clean_state_dict(checkpoint['model']))
         except RuntimeError as e:
-            fail(f"{ckpt_path} does not fit its own model_args: {str(e).splitlines()[1].strip()}")
+            fail(f"{ckpt_path} does not fit its own model_args: {str(e).splitlines()[-1].strip()}")
         iter_num = checkpoint['iter_num']
         best_val_loss = float(checkpoint['best_val_loss'])  # a tensor in nanoGPT's checkpoints
     elif init_from.startswith('gpt2') or os.path.isdir(init_from):
@@ -236,7 +236,7 @@ if checkpoint is not None:
 checkpoint = None  # free its memory
 
 if compile:
-    print("compiling the model... (takes a ~minute)")
+    print("compiling the model (the first iterations take a while)")
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
