@@ -142,12 +142,13 @@ class GPT(nn.Module):
 
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
+            # ALiBi puts position into the attention scores instead; wpe comes second, as in nanoGPT,
+            # because optimizer states are matched to parameters by order when a checkpoint resumes
+            **({} if config.alibi else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        if not config.alibi:  # ALiBi puts position into the attention scores instead
-            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor, two uses
         self._attn_bias_cache = {}  # (device, dtype) -> (n_head or 1, L, L) additive attention bias

@@ -1,0 +1,294 @@
+"""train.py end to end, in subprocesses, on tiny token bins made here (a few seconds each)."""
+import json
+import os
+import pickle
+import runpy
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 32
+TINY = ['--device=cpu', '--compile=False', '--dtype=float32', '--dataset=tiny', '--out_dir=out',
+        '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=4', '--bias=True',
+        '--gradient_accumulation_steps=2', '--eval_iters=2', '--log_interval=1', '--learning_rate=1e-2',
+        '--warmup_iters=2', '--lr_decay_iters=40', '--dropout=0.1']
+
+
+def write_bins(directory, train, val):
+    os.makedirs(directory, exist_ok=True)
+    np.asarray(train, dtype=np.uint16).tofile(os.path.join(directory, 'train.bin'))
+    np.asarray(val, dtype=np.uint16).tofile(os.path.join(directory, 'val.bin'))
+    with open(os.path.join(directory, 'meta.pkl'), 'wb') as f:
+        pickle.dump({'vocab_size': VOCAB}, f)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A copy of the scripts with data/tiny: a random 50-token phrase repeated, so there is something to learn."""
+    for name in ('train.py', 'model.py', 'configurator.py'):
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    phrase = np.random.default_rng(0).integers(0, VOCAB, 50)
+    write_bins(tmp_path / 'data' / 'tiny', np.tile(phrase, 80), np.tile(phrase, 10))
+    return tmp_path
+
+
+def run(repo, *args, torchrun=False, python_code=None, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    if torchrun:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py']
+    elif python_code:
+        cmd = [sys.executable, '-c', python_code]
+    else:
+        cmd = [sys.executable, 'train.py']
+    result = subprocess.run(cmd + list(args), cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def read_log(repo, out_dir='out'):
+    with open(repo / out_dir / 'log.jsonl') as f:
+        return [json.loads(line) for line in f]
+
+
+def iter_losses(records):
+    return {r['iter']: r['loss'] for r in records if 'iter' in r}
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]  # libraries may have logged before it
+    assert last.startswith('train.py: '), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+def test_short_run_lowers_loss_and_writes_checkpoint(repo):
+    result = run(repo, *TINY, '--max_iters=30', '--eval_interval=15', '--always_save_checkpoint=False')
+    assert 'step 30: train loss ' in result.stdout and 'iter 29: loss ' in result.stdout
+    records = read_log(repo)
+    evals = [r for r in records if 'step' in r]
+    assert [r['step'] for r in evals] == [0, 15, 30]
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 1.0
+    assert sorted(iter_losses(records)) == list(range(30))
+    assert set(records[1]) == {'iter', 'loss', 'time_ms', 'mfu', 'tokens_per_sec', 'lr'}
+
+    ckpt = load_ckpt(repo / 'out' / 'ckpt.pt')
+    assert {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config'} <= set(ckpt)
+    assert ckpt['iter_num'] == 30 and ckpt['best_val_loss'] == pytest.approx(evals[-1]['val_loss'])
+    assert ckpt['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True,
+                                      vocab_size=VOCAB, dropout=0.1, flash_attn=True, alibi=False)
+    assert ckpt['config']['dataset'] == 'tiny' and ckpt['config']['max_iters'] == 30
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    assert not os.path.exists(repo / 'out' / 'ckpt.pt.tmp')
+
+
+def test_resume_reproduces_the_uninterrupted_run(repo):
+    run(repo, *TINY, '--max_iters=12', '--eval_interval=6', '--out_dir=straight')
+    run(repo, *TINY, '--max_iters=6', '--eval_interval=6', '--out_dir=stopped')
+    assert load_ckpt(repo / 'stopped' / 'ckpt.pt')['iter_num'] == 6
+    run(repo, *TINY, '--max_iters=12', '--eval_interval=6', '--out_dir=stopped', '--init_from=resume')
+    straight, resumed = read_log(repo, 'straight'), read_log(repo, 'stopped')
+    assert iter_losses(resumed) == iter_losses(straight)  # dropout is on: its randomness must resume too
+    assert [r for r in resumed if 'step' in r][-1] == [r for r in straight if 'step' in r][-1]
+    a, b = load_ckpt(repo / 'straight' / 'ckpt.pt'), load_ckpt(repo / 'stopped' / 'ckpt.pt')
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(repo):
+    args = [*TINY, '--gradient_accumulation_steps=4', '--max_iters=4', '--eval_interval=4']
+    ddp = run(repo, *args, '--out_dir=ddp', torchrun=True)
+    run(repo, *args, '--out_dir=single')
+    assert ddp.stdout.count('step 4: train loss') == 1 and ddp.stdout.count('iter 3: loss') == 1
+    assert sorted(os.listdir(repo / 'ddp')) == ['ckpt.pt', 'log.jsonl']
+    assert sorted(iter_losses(read_log(repo, 'ddp'))) == [0, 1, 2, 3]  # one writer
+    a, b = load_ckpt(repo / 'ddp' / 'ckpt.pt'), load_ckpt(repo / 'single' / 'ckpt.pt')
+    for k in a['model']:
+        torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert a['best_val_loss'] == pytest.approx(b['best_val_loss'], abs=1e-4)
+
+
+def test_ddp_rejects_accumulation_steps_that_do_not_divide(repo):
+    result = run(repo, *TINY, '--gradient_accumulation_steps=3', torchrun=True, check=False)
+    assert result.returncode != 0
+    assert 'train.py: gradient_accumulation_steps=3 cannot be divided among 2 processes' in result.stderr
+
+
+def nanogpt_layout(ckpt):
+    """Our checkpoint as the original nanoGPT writes it: a compiled model's '_orig_mod.' prefixes,
+    the causal-mask buffers of its non-flash attention, its model_args and config keys, its parameter
+    order in the optimizer state, and best_val_loss as a tensor."""
+    args = ckpt['model_args']
+    T, L = args['block_size'], args['n_layer']
+    model = {'_orig_mod.' + k: v for k, v in ckpt['model'].items()}
+    for i in range(L):
+        model[f'_orig_mod.transformer.h.{i}.attn.bias'] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
+    block = ['ln_1.weight', 'ln_1.bias', 'attn.c_attn.weight', 'attn.c_attn.bias', 'attn.c_proj.weight',
+             'attn.c_proj.bias', 'ln_2.weight', 'ln_2.bias', 'mlp.c_fc.weight', 'mlp.c_fc.bias',
+             'mlp.c_proj.weight', 'mlp.c_proj.bias']
+    order = (['transformer.wte.weight', 'transformer.wpe.weight'] + [f'transformer.h.{i}.{b}' for i in range(L) for b in block]
+             + ['transformer.ln_f.weight', 'transformer.ln_f.bias'])
+    ours = GPT(GPTConfig(**args))
+    by_group = lambda names: [n for n in names if ckpt['model'][n].dim() >= 2] + [n for n in names if ckpt['model'][n].dim() < 2]
+    our_names, nanogpt_names = by_group([n for n, _ in ours.named_parameters()]), by_group(order)
+    state = ckpt['optimizer']['state']
+    optimizer = {'state': {nanogpt_names.index(n): state[i] for i, n in enumerate(our_names)},
+                 'param_groups': ckpt['optimizer']['param_groups']}
+    new_keys = ('flash_attn', 'alibi', 'eval_block_size', 'pre_trained_embs', 'seed')
+    return {'model': model, 'optimizer': optimizer,
+            'model_args': {k: v for k, v in args.items() if k not in new_keys},
+            'iter_num': ckpt['iter_num'], 'best_val_loss': torch.tensor(ckpt['best_val_loss']),
+            'config': {k: v for k, v in ckpt['config'].items() if k not in new_keys}}
+
+
+def test_resumes_a_checkpoint_in_the_original_nanogpt_layout(repo):
+    run(repo, *TINY, '--max_iters=5', '--eval_interval=5', '--out_dir=ours')
+    os.makedirs(repo / 'nanogpt')
+    torch.save(nanogpt_layout(load_ckpt(repo / 'ours' / 'ckpt.pt')), repo / 'nanogpt' / 'ckpt.pt')
+    for out_dir in ('ours', 'nanogpt'):
+        run(repo, *TINY, '--max_iters=9', '--eval_interval=5', f'--out_dir={out_dir}', '--init_from=resume')
+    ours, nanogpt = iter_losses(read_log(repo, 'ours')), iter_losses(read_log(repo, 'nanogpt'))
+    assert sorted(nanogpt) == [5, 6, 7, 8]
+    assert nanogpt == {k: ours[k] for k in nanogpt}
+
+
+KILLED_IN_SAVE = """
+import io, os, runpy, signal, sys, torch
+def save_half_then_die(obj, f):
+    buffer = io.BytesIO()
+    torch.serialization.save(obj, buffer)
+    f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_half_then_die
+sys.argv = ['train.py'] + sys.argv[1:]
+runpy.run_path('train.py', run_name='__main__')
+"""
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint(repo):
+    run(repo, *TINY, '--max_iters=5', '--eval_interval=5')
+    killed = run(repo, *TINY, '--max_iters=10', '--eval_interval=5', '--init_from=resume',
+                 python_code=KILLED_IN_SAVE, check=False)
+    assert killed.returncode == -9 and 'saving checkpoint' in killed.stdout
+    assert load_ckpt(repo / 'out' / 'ckpt.pt')['iter_num'] == 5
+    run(repo, *TINY, '--max_iters=10', '--eval_interval=5', '--init_from=resume')
+    assert load_ckpt(repo / 'out' / 'ckpt.pt')['iter_num'] == 10
+
+
+def test_alibi_trains_at_one_block_size_and_evaluates_at_twice_it(repo):
+    # a val split of exactly one window of 32 + 1 tokens: the evaluation can only be over that window
+    val = np.fromfile(repo / 'data' / 'tiny' / 'val.bin', dtype=np.uint16)[:33]
+    val.tofile(repo / 'data' / 'tiny' / 'val.bin')
+    run(repo, *TINY, '--alibi=True', '--eval_block_size=32', '--max_iters=6', '--eval_interval=6')
+    final = [r for r in read_log(repo) if 'step' in r][-1]
+    ckpt = load_ckpt(repo / 'out' / 'ckpt.pt')
+    assert ckpt['model_args']['alibi'] and ckpt['model_args']['block_size'] == 16
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    model.eval()
+    x = torch.from_numpy(val.astype(np.int64))
+    _, loss = model(x[None, :32], x[None, 1:])
+    assert final['val_loss'] == pytest.approx(loss.item(), rel=1e-5)
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """A random GPT-2 in Hugging Face format with a context of 32, saved locally (no download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                    bos_token_id=0, eos_token_id=0))
+    hf.save_pretrained(tmp_path / 'hf')
+    return tmp_path / 'hf'
+
+
+def test_init_from_pretrained_crops_and_evaluates_its_weights(repo, hf_dir):
+    from transformers import GPT2LMHeadModel
+    val = np.fromfile(repo / 'data' / 'tiny' / 'val.bin', dtype=np.uint16)[:17]
+    val.tofile(repo / 'data' / 'tiny' / 'val.bin')
+    run(repo, *TINY, f'--init_from={hf_dir}', '--eval_only=True')
+    x = torch.from_numpy(val.astype(np.int64))
+    with torch.no_grad():
+        logits = GPT2LMHeadModel.from_pretrained(hf_dir)(x[None, :16]).logits
+    expected = torch.nn.functional.cross_entropy(logits[0], x[1:]).item()
+    assert read_log(repo)[-1]['val_loss'] == pytest.approx(expected, rel=1e-4)
+
+
+def test_pre_trained_embs_start_the_token_embeddings(repo):
+    emb = torch.randn(VOCAB - 2, 24)
+    torch.save(emb, repo / 'data' / 'tiny' / 'emb_mat.pt')
+    # a learning rate of 0 keeps the initial weights, to be read back from the checkpoint
+    run(repo, *TINY, '--pre_trained_embs=True', '--learning_rate=0.0', '--decay_lr=False', '--max_iters=1', '--eval_interval=1')
+    from model import fit_embedding_matrix
+    wte = load_ckpt(repo / 'out' / 'ckpt.pt')['model']['transformer.wte.weight']
+    torch.testing.assert_close(wte[:VOCAB - 2], fit_embedding_matrix(emb, 32))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(repo):
+    run(repo, *TINY, '--max_iters=4', '--eval_interval=4')
+    result = run(repo, *TINY, '--max_iters=20', '--eval_interval=4', '--init_from=resume',
+                 '--learning_rate=1e30', '--decay_lr=False', check=False)
+    assert_one_line_error(result, 'loss is nan at iter ', 'out/ckpt.pt still holds iter 4', 'learning_rate')
+    ckpt = load_ckpt(repo / 'out' / 'ckpt.pt')
+    assert ckpt['iter_num'] == 4 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+def error_of(repo, monkeypatch, *args):
+    """The exit message of train.py run inside this process, for errors before any training (no
+    interpreter start-up to pay for); sys.exit with a message is what gives the non-zero exit."""
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(sys, 'argv', ['train.py', *TINY, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path('train.py', run_name='__main__')
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith('train.py: ') and '\n' not in message, message
+    return message
+
+
+@pytest.mark.parametrize('args, fragments', [
+    (['--dataset=nothing'], ['no data/nothing/train.bin', 'python data/nothing/prepare.py']),
+    (['--init_from=resume'], ["init_from='resume' but there is no out/ckpt.pt"]),
+    (['--eval_block_size=32'], ['eval_block_size=32 is larger than block_size=16', 'alibi=True']),
+    (['--eval_block_size=0'], ['eval_block_size must be a positive int']),
+    (['--pre_trained_embs=True'], ['no data/tiny/emb_mat.pt', 'python data/openwebtext/embmatrix.py']),
+    (['--init_from=gtp2'], ["init_from='gtp2' is not"]),
+    (['--dtype=float8'], ["dtype='float8' is not one of"]),
+])
+def test_bad_settings_get_a_one_line_error(repo, monkeypatch, args, fragments):
+    message = error_of(repo, monkeypatch, *args)
+    for fragment in fragments:
+        assert fragment in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+def test_cuda_device_without_a_gpu(repo, monkeypatch):
+    assert '--device=cpu' in error_of(repo, monkeypatch, '--device=cuda')
+
+
+def test_resume_with_other_shapes_names_the_differences(repo, monkeypatch):
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB, dropout=0.1)
+    os.makedirs(repo / 'out')
+    torch.save({'model': GPT(GPTConfig(**model_args)).state_dict(), 'model_args': model_args}, repo / 'out' / 'ckpt.pt')
+    message = error_of(repo, monkeypatch, '--init_from=resume', '--n_layer=3', '--n_embd=48')
+    assert 'out/ckpt.pt holds a model with n_layer=2, n_embd=32 but the settings ask for n_layer=3, n_embd=48' in message
+    assert '--n_layer=2 --n_embd=32' in message
+
+
+def test_block_size_larger_than_the_pretrained_model(repo, monkeypatch, hf_dir):
+    message = error_of(repo, monkeypatch, f'--init_from={hf_dir}', '--block_size=64')
+    assert f"block_size=64 is larger than {hf_dir}'s 32: use --block_size=32 or less" in message

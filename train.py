@@ -1,0 +1,382 @@
+"""
+Trains a GPT on the token bins of data/<dataset>, in one process or, under torchrun, in many with
+DistributedDataParallel (DDP). One process, on a CPU or one GPU:
+$ python train.py config/train_shakespeare_char.py --device=cpu --compile=False
+All 8 GPUs of one machine:
+$ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+Two machines of 8 GPUs: the same command on both, --node_rank=0 on the one at --master_addr:
+$ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py config/train_gpt2.py
+(NCCL_IB_DISABLE=1 in front when the machines are linked by plain Ethernet rather than Infiniband).
+"""
+
+import os
+import sys
+import json
+import math
+import time
+import pickle
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed import init_process_group, destroy_process_group
+
+from model import GPTConfig, GPT, clean_state_dict, fit_embedding_matrix
+
+# -----------------------------------------------------------------------------
+# settings; the defaults train GPT-2 small (124M) on OpenWebText
+# output and evaluation
+out_dir = 'out'
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200
+eval_only = False  # evaluate once, then stop
+always_save_checkpoint = True  # save at every evaluation; False: only when val loss is the best so far
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2*' or a Hugging Face GPT-2 directory
+# Weights & Biases
+wandb_log = False
+wandb_project = 'owt'
+wandb_run_name = 'gpt2'
+# data
+dataset = 'openwebtext'
+gradient_accumulation_steps = 5 * 8  # micro-steps per iteration, in all; shared out among DDP processes
+batch_size = 12  # sequences per micro-step
+block_size = 1024
+eval_block_size = None  # context length of evaluations; None: the same as block_size
+seed = 1337  # decides the initial weights, the training batches and dropout
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # pretraining does well without; finetuning may want 0.1 or more
+bias = False  # biases in Linears and LayerNorms (GPT-2 has them; without is a bit faster)
+flash_attn = True  # attention through scaled_dot_product_attention, else the explicit softmax
+alibi = False  # ALiBi position biases instead of learned position embeddings
+pre_trained_embs = False  # start the token embeddings from data/<dataset>/emb_mat.pt
+# AdamW
+learning_rate = 6e-4  # the peak, reached after warmup
+max_iters = 600000  # optimizer steps in all
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # largest gradient norm; 0.0: no clipping
+# learning rate schedule
+decay_lr = True  # False: learning_rate throughout
+warmup_iters = 2000
+lr_decay_iters = 600000  # end of the cosine; Chinchilla suggests about max_iters
+min_lr = 6e-5  # where it ends; Chinchilla suggests about learning_rate / 10
+# DDP
+backend = 'nccl'  # between GPUs; processes on CPUs always talk through 'gloo'
+# hardware
+device = 'cuda'  # or 'cpu', 'cuda:1', 'mps'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'  # or 'float32'; CPU runs in float32
+compile = True  # torch.compile the model: slower start, faster steps
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
+exec(open('configurator.py').read())  # overrides from the command line or a config file
+config = {k: globals()[k] for k in config_keys}  # saved in checkpoints and given to wandb
+# -----------------------------------------------------------------------------
+
+ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun?
+ddp_rank = int(os.environ.get('RANK', 0))
+ddp_world_size = int(os.environ.get('WORLD_SIZE', 1))
+master_process = ddp_rank == 0  # logs, evaluates into wandb and writes checkpoints
+
+
+def fail(msg):
+    """Stop with a one-line error (printed once, by the master process)."""
+    sys.exit(f"train.py: {msg}" if master_process else 1)
+
+
+device_type = 'cuda' if 'cuda' in device else 'cpu'  # for autocast and memory pinning
+if device_type == 'cuda' and not torch.cuda.is_available():
+    fail(f"device='{device}' but this machine has no CUDA GPU: use --device=cpu --compile=False")
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    fail(f"dtype='{dtype}' is not one of 'float32', 'bfloat16', 'float16'")
+if gradient_accumulation_steps % ddp_world_size:
+    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} cannot be divided among {ddp_world_size} "
+         f"processes: use a multiple of {ddp_world_size}")
+if eval_block_size is None:
+    eval_block_size = block_size
+if not isinstance(eval_block_size, int) or isinstance(eval_block_size, bool) or eval_block_size <= 0:
+    fail(f"eval_block_size must be a positive int or None, not {eval_block_size!r}")
+if eval_block_size > block_size and not alibi:
+    fail(f"eval_block_size={eval_block_size} is larger than block_size={block_size}: learned position "
+         f"embeddings cannot go past block_size; use alibi=True or eval_block_size <= {block_size}")
+
+if ddp:
+    ddp_local_rank = int(os.environ['LOCAL_RANK'])
+    if device_type == 'cuda':
+        device = f'cuda:{ddp_local_rank}'
+        torch.cuda.set_device(device)
+    init_process_group(backend=backend if device_type == 'cuda' else 'gloo')
+    gradient_accumulation_steps //= ddp_world_size  # each process does its share of the micro-steps
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+if master_process:
+    print(f"tokens per iteration will be: {tokens_per_iter:,}")
+    os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed)  # the same initial weights in every process
+if device_type == 'cuda':
+    torch.set_float32_matmul_precision('high')  # TF32 matmuls
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+# data: token ids as uint16 in train.bin and val.bin
+data_dir = os.path.join('data', dataset)
+split_tokens = {}
+for split in ('train', 'val'):
+    path = os.path.join(data_dir, f'{split}.bin')
+    if not os.path.exists(path):
+        fail(f"no {path}: run python {os.path.join(data_dir, 'prepare.py')} first")
+    split_tokens[split] = len(np.memmap(path, dtype=np.uint16, mode='r'))
+    if split_tokens[split] <= max(block_size, eval_block_size):
+        fail(f"{path} has only {split_tokens[split]} tokens, too few for windows of "
+             f"{max(block_size, eval_block_size) + 1}: use a smaller block_size or more data")
+
+
+def get_batch(split, starts, T):
+    """The windows of T + 1 tokens at the given starts, as inputs x and targets y (shifted by one)."""
+    # a new memmap for every batch: one kept open grows the process's memory as it is read
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    x = torch.from_numpy(np.stack([data[i:i + T] for i in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T] for i in starts]).astype(np.int64))
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def micro_batch_key(it, micro_step):
+    """Names a training micro-batch by its place in the whole run: the seed, the iteration and its index
+    in the global batch. Its data and its dropout depend on this key alone, so a resumed run sees what
+    the uninterrupted one saw and N processes see what one process does, while every process differs."""
+    return [seed, it, ddp_rank * gradient_accumulation_steps + micro_step]
+
+
+def get_train_batch(it, micro_step):
+    rng = np.random.default_rng(micro_batch_key(it, micro_step))
+    return get_batch('train', rng.integers(split_tokens['train'] - block_size, size=batch_size), block_size)
+
+
+# the model
+meta_path = os.path.join(data_dir, 'meta.pkl')
+meta_vocab_size = None
+if os.path.exists(meta_path):
+    with open(meta_path, 'rb') as f:
+        meta_vocab_size = pickle.load(f)['vocab_size']
+    print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=meta_vocab_size or 50304,  # GPT-2's 50257 rounded up for efficiency
+                  dropout=dropout, flash_attn=flash_attn, alibi=alibi)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+iter_num = 0
+best_val_loss = 1e9
+checkpoint = None
+try:
+    if init_from == 'scratch':
+        print("initializing a new model from scratch")
+        embedding_matrix = None
+        if pre_trained_embs:
+            emb_path = os.path.join(data_dir, 'emb_mat.pt')
+            if not os.path.exists(emb_path):
+                fail(f"pre_trained_embs=True but there is no {emb_path}: build it with python data/openwebtext/embmatrix.py")
+            embedding_matrix = fit_embedding_matrix(torch.load(emb_path, weights_only=True), n_embd)
+            print(f"token embeddings start from {emb_path}")
+        model = GPT(GPTConfig(**model_args), embedding_matrix=embedding_matrix)
+    elif init_from == 'resume':
+        if not os.path.exists(ckpt_path):
+            fail(f"init_from='resume' but there is no {ckpt_path}: train one first, or set out_dir to the run to resume")
+        print(f"resuming training from {out_dir}")
+        try:
+            checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except Exception as e:
+            fail(f"cannot load {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0]}): it is not a loadable checkpoint")
+        saved_args = {'alibi': False, **checkpoint['model_args']}  # nanoGPT's checkpoints predate ALiBi
+        shape_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'alibi')
+        differ = [k for k in shape_keys if saved_args[k] != model_args[k]]
+        if differ:
+            fail(f"{ckpt_path} holds a model with {', '.join(f'{k}={saved_args[k]}' for k in differ)} but the settings ask for "
+                 f"{', '.join(f'{k}={model_args[k]}' for k in differ)}: pass {' '.join(f'--{k}={saved_args[k]}' for k in differ)} "
+                 f"to resume it, or use another out_dir")
+        model = GPT(GPTConfig(**model_args))
+        try:
+            model.load_state_dict(clean_state_dict(checkpoint['model']))
+        except RuntimeError as e:
+            fail(f"{ckpt_path} does not fit its own model_args: {str(e).splitlines()[-1].strip()}")
+        iter_num = checkpoint['iter_num']
+        best_val_loss = float(checkpoint['best_val_loss'])  # a tensor in nanoGPT's checkpoints
+    elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+        print(f"initializing from OpenAI GPT-2 weights: {init_from}")
+        if alibi:
+            fail(f"alibi=True cannot start from {init_from}, whose weights use learned positions: set alibi=False")
+        try:
+            model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        except OSError as e:
+            fail(f"cannot load {init_from}: {str(e).splitlines()[0]}")
+        if block_size > model.config.block_size:
+            fail(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: "
+                 f"use --block_size={model.config.block_size} or less")
+        model.crop_block_size(block_size)
+        model_args = {k: getattr(model.config, k) for k in model_args}  # e.g. GPT-2's vocab_size and bias
+    else:
+        fail(f"init_from='{init_from}' is not 'scratch', 'resume', a 'gpt2*' model name or a Hugging Face GPT-2 directory")
+except ValueError as e:  # model.py's errors say what is wrong and how to fix it
+    fail(str(e))
+model.to(device)
+raw_model = model  # the plain GPT: its state_dict has clean names, for checkpoints
+checkpoint_iter = iter_num if checkpoint is not None else None  # the iteration the checkpoint on disk holds
+
+# float16 needs loss scaling against underflowing gradients; a no-op otherwise
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16' and device_type == 'cuda'))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    if checkpoint.get('scaler'):
+        scaler.load_state_dict(checkpoint['scaler'])
+checkpoint = None  # free its memory
+
+if compile:
+    print("compiling the model (the first iterations take a while)")
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches of each split, at eval_block_size. The windows are spread evenly
+    over the split, the same at every evaluation, so that evaluations compare and draw no randomness."""
+    out = {}
+    model.eval()
+    for split in ('train', 'val'):
+        starts = np.linspace(0, split_tokens[split] - eval_block_size - 1, eval_iters * batch_size).astype(np.int64)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, starts[k * batch_size:(k + 1) * batch_size], eval_block_size)
+            with ctx:
+                logits, loss = model(X, Y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    """Linear warmup (non-zero at iteration 0), then cosine decay to min_lr at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # from 1 down to 0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master_process and init_from != 'resume' and not eval_only and os.path.exists(log_path):
+    os.remove(log_path)  # a new run: the log belongs to the run whose ckpt.pt lies beside it
+if wandb_log and master_process:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+
+def log(record):
+    """One record per printed log line, appended to out_dir/log.jsonl (and sent to wandb)."""
+    with open(log_path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    if wandb_log:
+        wandb.log(record)
+
+
+def stop_on_nonfinite(what, value):
+    """A nan or inf loss stops the run before it can be saved: the checkpoint on disk stays good."""
+    if not math.isfinite(value):
+        kept = f"{ckpt_path} still holds iter {checkpoint_iter}" if checkpoint_iter is not None else "no checkpoint was written"
+        fail(f"{what} is {value} at iter {iter_num}: stopped ({kept}); try a lower learning_rate, "
+             f"a longer warmup_iters or dtype='bfloat16'")
+
+
+def save_checkpoint():
+    checkpoint = {
+        'model': raw_model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict(),
+        'model_args': model_args,
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'config': config,
+    }
+    print(f"saving checkpoint to {out_dir}")
+    # to a temporary file first: a crash or kill while writing leaves the previous checkpoint intact
+    tmp_path = ckpt_path + '.tmp'
+    with open(tmp_path, 'wb') as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, ckpt_path)
+
+
+# training loop
+X, Y = get_train_batch(iter_num, 0)  # the first batch
+t0 = time.time()
+local_iter_num = 0  # iterations in this process's lifetime
+running_mfu = -1.0
+while True:
+
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+    # evaluate, and save a checkpoint, every eval_interval iterations and at the end
+    if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
+        losses = estimate_loss()
+        if master_process:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log({'step': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'lr': lr})
+        stop_on_nonfinite('val loss', losses['val'])
+        if losses['val'] < best_val_loss or always_save_checkpoint:
+            best_val_loss = min(best_val_loss, losses['val'])
+            if iter_num > 0 and iter_num != checkpoint_iter and not eval_only and master_process:
+                save_checkpoint()
+                checkpoint_iter = iter_num
+        t0 = time.time()  # the iteration's time excludes the evaluation
+    if iter_num >= max_iters or eval_only:
+        break
+
+    # forward and backward over the micro-batches, then one optimizer step
+    for micro_step in range(gradient_accumulation_steps):
+        torch.manual_seed(int(np.random.SeedSequence(micro_batch_key(iter_num, micro_step)).generate_state(1)[0]))  # dropout
+        # under DDP, gradients are averaged across processes only at the last micro-step
+        last = micro_step == gradient_accumulation_steps - 1
+        with (model.no_sync() if ddp and not last else nullcontext()):
+            with ctx:
+                logits, loss = model(X, Y)
+                loss = loss / gradient_accumulation_steps  # the accumulated gradient is the batch mean
+            # fetch the next micro-batch while the GPU works on this one
+            X, Y = get_train_batch(iter_num + 1, 0) if last else get_train_batch(iter_num, micro_step + 1)
+            scaler.scale(loss).backward()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # skipped by the scaler when float16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    t1 = time.time()
+    dt = t1 - t0
+    t0 = t1
+    if iter_num % log_interval == 0 and master_process:
+        # the loss of the last micro-batch; .item() waits for the GPU, so only every log_interval
+        lossf = loss.item() * gradient_accumulation_steps
+        stop_on_nonfinite('loss', lossf)
+        if local_iter_num >= 5:  # let the first iterations (compilation, warm-up) pass
+            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
+            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+        tokens_per_sec = tokens_per_iter / dt
+        print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%, {tokens_per_sec:.0f} tok/s")
+        log({'iter': iter_num, 'loss': lossf, 'time_ms': dt * 1000, 'mfu': running_mfu, 'tokens_per_sec': tokens_per_sec, 'lr': lr})
+    iter_num += 1
+    local_iter_num += 1
+
+if ddp:
+    destroy_process_group()
