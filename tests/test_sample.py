@@ -110,3 +110,181 @@ def test_generation_stops_once_every_row_has_the_stop_token():
     assert torch.equal(out, greedy[:, :expected])
     one_row = model.generate(idx[:1], 12, top_k=1, stop_token=stop)
     assert torch.equal(one_row, greedy[:1, :length_up_to_stop(greedy[0])])
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+CHARS = sorted(set("hello world, the quick brown fox!\n"))
+
+
+def char_meta():
+    return {'vocab_size': len(CHARS), 'itos': dict(enumerate(CHARS)), 'stoi': {c: i for i, c in enumerate(CHARS)}}
+
+
+def write_checkpoint(path, model, dataset, nanogpt_style=False):
+    """A checkpoint as train.py writes it; nanogpt_style: as nanoGPT's (compiled, no flash_attn/alibi)."""
+    c = model.config
+    model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
+                      bias=c.bias, vocab_size=c.vocab_size, dropout=c.dropout, flash_attn=c.flash_attn, alibi=c.alibi)
+    state = model.state_dict()
+    if nanogpt_style:
+        del model_args['flash_attn'], model_args['alibi']
+        state = {'_orig_mod.' + k: v for k, v in state.items()}
+        state.update({f'_orig_mod.transformer.h.{i}.attn.bias': torch.ones(1, 1, c.block_size, c.block_size).tril()
+                      for i in range(c.n_layer)})
+    optimizer = torch.optim.AdamW(model.parameters())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({'model': state, 'optimizer': optimizer.state_dict(), 'model_args': model_args, 'iter_num': 100,
+                'best_val_loss': 1.5, 'config': {'dataset': dataset, 'batch_size': 4, 'learning_rate': 1e-3}}, path)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A directory to run sample.py in, as from a repo root, with its own data/ and out/."""
+    for name in ('sample.py', 'model.py', 'configurator.py'):
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def char_workdir(workdir):
+    """A character-level checkpoint in out/ and its meta.pkl in data/tinychars/."""
+    os.makedirs(workdir / 'data' / 'tinychars')
+    with open(workdir / 'data' / 'tinychars' / 'meta.pkl', 'wb') as f:
+        pickle.dump(char_meta(), f)
+    model = tiny_model(vocab_size=len(CHARS), block_size=32)
+    write_checkpoint(str(workdir / 'out' / 'ckpt.pt'), model, 'tinychars')
+    return workdir, model
+
+
+def run_sample(cwd, *args):
+    return subprocess.run([sys.executable, 'sample.py', '--device=cpu', *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def samples(stdout):
+    """The printed samples (each is followed by a line of dashes)."""
+    body = stdout[stdout.index('assuming GPT-2 encodings...\n') + 28:] if 'assuming GPT-2' in stdout else \
+        stdout[stdout.index('meta.pkl...\n') + 12:]
+    return body.split('\n---------------\n')[:-1]
+
+
+def greedy_text(model, prompt, steps, num_samples):
+    stoi, itos = char_meta()['stoi'], char_meta()['itos']
+    idx = torch.tensor([[stoi[c] for c in prompt]] * num_samples)
+    model.use_matvec_layout()  # as sample.py does on CPU
+    return [''.join(itos[i] for i in row) for row in model.generate(idx, steps, top_k=1).tolist()]
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert 'Traceback' not in result.stderr and result.stderr.count('\n') == 1, result.stderr
+    assert result.stderr.startswith('sample.py: ')
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_samples_a_character_model_in_one_batch(char_workdir):
+    cwd, model = char_workdir
+    result = run_sample(cwd, '--out_dir=out', '--start=hello', '--top_k=1', '--num_samples=3', '--max_new_tokens=12')
+    assert result.returncode == 0, result.stderr
+    assert 'Loading meta from data/tinychars/meta.pkl' in result.stdout
+    assert samples(result.stdout) == greedy_text(model, 'hello', 12, 3)
+
+
+def test_prompt_from_file_and_top_p(char_workdir):
+    cwd, model = char_workdir
+    (cwd / 'prompt.txt').write_text('the fox,\nhello ')
+    result = run_sample(cwd, '--out_dir=out', '--start=FILE:prompt.txt', '--top_k=None', '--top_p=1e-6',
+                        '--num_samples=1', '--max_new_tokens=5')
+    assert result.returncode == 0, result.stderr
+    assert samples(result.stdout) == greedy_text(model, 'the fox,\nhello ', 5, 1)  # top_p that small: greedy
+
+
+def test_loads_nanogpt_checkpoints(char_workdir):
+    cwd, _ = char_workdir
+    model = tiny_model(seed=3, vocab_size=len(CHARS))
+    write_checkpoint(str(cwd / 'out-old' / 'ckpt.pt'), model, 'tinychars', nanogpt_style=True)
+    result = run_sample(cwd, '--out_dir=out-old', '--start=hi', '--top_k=1', '--num_samples=1', '--max_new_tokens=6')
+    assert result.returncode == 0, result.stderr
+    assert samples(result.stdout) == greedy_text(model, 'hi', 6, 1)
+
+
+def test_bad_prompts_get_one_line_errors(char_workdir):
+    cwd, _ = char_workdir
+    (cwd / 'empty.txt').write_text('')
+    assert_one_line_error(run_sample(cwd, '--out_dir=out', '--start=FILE:empty.txt'), 'empty.txt is empty')
+    assert_one_line_error(run_sample(cwd, '--out_dir=out', '--start=FILE:nothere.txt'), 'no prompt file nothere.txt')
+    assert_one_line_error(run_sample(cwd, '--out_dir=out', '--start=hello WORLD€'),
+                          'outside the model', "'D', 'L', 'O', 'R', 'W', '€'")
+
+
+def test_missing_checkpoint_is_a_one_line_error(workdir):
+    assert_one_line_error(run_sample(workdir, '--out_dir=out-nothing'), 'no checkpoint out-nothing/ckpt.pt', 'train.py')
+
+
+class Payload:
+    """Stands for arbitrary code: unpickling a Payload creates the file at self.path."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+def test_malicious_meta_pkl_is_refused_and_runs_nothing(char_workdir):
+    cwd, _ = char_workdir
+    marker = cwd / 'pwned'
+    meta = dict(char_meta(), extra=Payload(str(marker)))
+    with open(cwd / 'data' / 'tinychars' / 'meta.pkl', 'wb') as f:
+        pickle.dump(meta, f)
+    result = run_sample(cwd, '--out_dir=out', '--start=hello')
+    assert_one_line_error(result, 'meta.pkl is not a plain vocabulary pickle', 'open', 'prepare.py')
+    assert not marker.exists()
+    with open(cwd / 'data' / 'tinychars' / 'meta.pkl', 'rb') as f:
+        pickle.load(f)  # an ordinary unpickler would have run it
+    assert marker.exists()
+
+
+def test_checkpoint_with_objects_is_refused(workdir):
+    model = tiny_model()
+    write_checkpoint(str(workdir / 'out' / 'ckpt.pt'), model, None)
+    ckpt = torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)
+    ckpt['config']['hook'] = Payload(str(workdir / 'pwned'))
+    torch.save(ckpt, workdir / 'out' / 'ckpt.pt')
+    assert_one_line_error(run_sample(workdir, '--out_dir=out'), 'cannot load out/ckpt.pt safely')
+    assert not (workdir / 'pwned').exists()
+
+
+def test_stops_at_end_of_text(workdir):
+    model = tiny_model(vocab_size=50304, n_embd=32)
+    with torch.no_grad():  # make <|endoftext|> (50256) the most likely next token after anything
+        direction = torch.randn(32)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(direction)
+        model.lm_head.weight[50256] = 10 * direction
+    write_checkpoint(str(workdir / 'out' / 'ckpt.pt'), model, None)
+    result = run_sample(workdir, '--out_dir=out', '--start=Once upon a time', '--num_samples=2', '--max_new_tokens=50')
+    assert result.returncode == 0, result.stderr
+    assert samples(result.stdout) == ['Once upon a time'] * 2
+    assert '<|endoftext|>' not in result.stdout
+
+
+def test_samples_a_local_hugging_face_gpt2(workdir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    hf.save_pretrained(workdir / 'my-gpt2')
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    idx = torch.tensor([enc.encode('Hello world')])
+    with torch.no_grad():  # Hugging Face's greedy continuation
+        for _ in range(6):
+            idx = torch.cat((idx, hf(idx).logits[:, -1:].argmax(-1)), dim=1)
+    tokens = idx[0].tolist()
+    expected = enc.decode(tokens[:tokens.index(50256, 2)] if 50256 in tokens[2:] else tokens)
+    result = run_sample(workdir, '--init_from=my-gpt2', '--start=Hello world', '--top_k=1', '--num_samples=1',
+                        '--max_new_tokens=6')
+    assert result.returncode == 0, result.stderr
+    assert 'loading weights from pretrained gpt: my-gpt2' in result.stdout
+    assert samples(result.stdout) == [expected]
