@@ -74,7 +74,7 @@ if mode == 'sample':
     if device_type == 'cpu':
         model.use_matvec_layout()  # as sample.py does
     if compile:
-        model.compile()
+        model.compile(dynamic=True)  # in place, so generate's calls go through it; one graph for all lengths
     hf_config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
                                         n_head=n_head, bos_token_id=None, eos_token_id=None)
     hf = transformers.GPT2LMHeadModel(hf_config).to(device).eval()  # random weights: speed only
@@ -94,7 +94,7 @@ if mode == 'sample':
     print(f"{n_layer} layers, {n_head} heads, {n_embd} wide, block_size {block_size}, vocab {vocab_size}, "
           f"batch {batch_size}, 1-token prompt, {max_new_tokens} new tokens, top_k {top_k}, {device}, "
           f"{torch.get_num_threads()} threads")
-    with torch.no_grad(), ctx:
+    with torch.inference_mode(), ctx:  # both generate loops run without autograd bookkeeping
         tokens_per_s(ours, 20)  # warm up
         tokens_per_s(theirs, 20)
         cached, hugging_face = [], []

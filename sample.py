@@ -106,7 +106,7 @@ model.to(device)
 if device_type == 'cpu':
     model.use_matvec_layout()  # decoding is matrix-vector products, faster in this layout on CPU
 if compile:
-    model.compile()  # in place, so that generate's calls go through the compiled forward
+    model.compile(dynamic=True)  # in place, so generate's calls go through it; one graph for all lengths
 
 # tokenizer: the dataset's characters when it has a meta.pkl, else GPT-2's BPE
 meta_path = os.path.join('data', dataset, 'meta.pkl') if dataset else None
@@ -152,7 +152,7 @@ if max(start_ids) >= model.config.vocab_size:
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...].repeat(num_samples, 1)
 
 # run generation: all samples in one batch
-with torch.no_grad():
+with torch.inference_mode():
     with ctx:
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_token=stop_token)
 for row in y.tolist():
