@@ -46,6 +46,9 @@ if device.startswith('cuda') and not torch.cuda.is_available():
     sys.exit(f"bench.py: device '{device}' is not available on this machine: pass --device=cpu")
 if dtype not in ('float32', 'bfloat16', 'float16'):
     sys.exit(f"bench.py: dtype must be 'float32', 'bfloat16' or 'float16', not '{dtype}'")
+if mode == 'sample' and 1 + max_new_tokens > block_size:
+    sys.exit(f"bench.py: 1 + max_new_tokens = {1 + max_new_tokens} is past block_size {block_size}, "
+             f"where Hugging Face's GPT-2 cannot go: raise block_size or lower max_new_tokens")
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
@@ -67,9 +70,6 @@ model.to(device)
 
 if mode == 'sample':
     import transformers
-    if 1 + max_new_tokens > block_size:
-        sys.exit(f"bench.py: 1 + max_new_tokens = {1 + max_new_tokens} is past block_size {block_size}, "
-                 f"where Hugging Face's GPT-2 cannot go: raise block_size or lower max_new_tokens")
     model.eval()
     if device_type == 'cpu':
         model.use_matvec_layout()  # as sample.py does

@@ -158,7 +158,8 @@ def char_workdir(workdir):
 
 
 def run_sample(cwd, *args):
-    return subprocess.run([sys.executable, 'sample.py', '--device=cpu', *args], cwd=cwd,
+    env = dict(os.environ, OMP_NUM_THREADS='1')  # tiny models, and a CPU shared with other jobs
+    return subprocess.run([sys.executable, 'sample.py', '--device=cpu', *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
