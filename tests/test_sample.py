@@ -13,10 +13,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_model(seed=0, **kw):
+    """A small random GPT whose greedy continuation depends on the whole context (GPT-2's init
+    would mostly repeat the last token, which cannot tell a broken cache from a working one)."""
     args = dict(block_size=16, vocab_size=50, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
     args.update(kw)
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**args)).eval()
+    model = GPT(GPTConfig(**args)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() == 2 else 0.1)
+    return model
 
 
 def nanogpt_greedy(model, idx, steps):
