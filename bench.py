@@ -1,0 +1,192 @@
+"""
+Benchmarks, with the same settings mechanism as train.py.
+mode='train': the training step (forward, backward, optimizer) on real or random data: ms/iter,
+tokens/s and MFU, or with profile=True a torch.profiler trace.
+mode='sample': generation tokens/s of GPT.generate with the KV cache, without it (nanoGPT's loop),
+and of Hugging Face's GPT2LMHeadModel.generate on a model of the same shape, in the same run:
+    python bench.py --mode=sample --device=cpu --compile=False --batch_size=1 --n_layer=6 --n_head=6 --n_embd=384 --bias=True --vocab_size=65
+"""
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from model import GPTConfig, GPT
+
+# -----------------------------------------------------------------------------
+mode = 'train'  # 'train' or 'sample'
+batch_size = 12
+block_size = 1024
+n_layer = 12
+n_head = 12
+n_embd = 768
+vocab_size = 50304
+bias = False
+flash_attn = True
+alibi = False
+real_data = True  # train on data/<dataset>/train.bin; False: random tokens
+dataset = 'openwebtext'
+seed = 1337
+device = 'cuda'  # examples: 'cpu', 'cuda', 'cuda:0', 'cuda:1', etc., or try 'mps' on macbooks
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'  # 'float32' or 'bfloat16' or 'float16'
+compile = True  # use PyTorch 2.0 to compile the model to be faster
+profile = False  # use pytorch profiler, or just simple benchmarking?
+max_new_tokens = 500  # sample mode: tokens generated after a one-token prompt
+top_k = 200  # sample mode
+sample_rounds = 3  # sample mode: cached and Hugging Face runs, alternating (the uncached loop runs once)
+exec(open('configurator.py').read())  # overrides from command line or config file
+# -----------------------------------------------------------------------------
+
+if mode not in ('train', 'sample'):
+    sys.exit(f"bench.py: mode must be 'train' or 'sample', not '{mode}'")
+if device.startswith('cuda') and not torch.cuda.is_available():
+    sys.exit(f"bench.py: device '{device}' is not available on this machine: pass --device=cpu")
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    sys.exit(f"bench.py: dtype must be 'float32', 'bfloat16' or 'float16', not '{dtype}'")
+if mode == 'sample' and 1 + max_new_tokens > block_size:
+    sys.exit(f"bench.py: 1 + max_new_tokens = {1 + max_new_tokens} is past block_size {block_size}, "
+             f"where Hugging Face's GPT-2 cannot go: raise block_size or lower max_new_tokens")
+torch.manual_seed(seed)
+torch.cuda.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+
+def sync():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+
+
+gptconf = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
+                    dropout=0.0, bias=bias, flash_attn=flash_attn, alibi=alibi)
+model = GPT(gptconf)
+model.to(device)
+
+if mode == 'sample':
+    import transformers
+    model.eval()
+    if device_type == 'cpu':
+        model.use_matvec_layout()  # as sample.py does
+    if compile:
+        model.compile(dynamic=True)  # in place, so generate's calls go through it; one graph for all lengths
+    hf_config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
+                                        n_head=n_head, bos_token_id=None, eos_token_id=None)
+    hf = transformers.GPT2LMHeadModel(hf_config).to(device).eval()  # random weights: speed only
+    prompt = torch.zeros((batch_size, 1), dtype=torch.long, device=device)
+
+    def tokens_per_s(generate, n=max_new_tokens):
+        sync()
+        t0 = time.perf_counter()
+        out = generate(n)
+        sync()
+        assert out.shape == (batch_size, 1 + n), out.shape  # really produced every token
+        return batch_size * n / (time.perf_counter() - t0)
+
+    ours = lambda n: model.generate(prompt, n, top_k=top_k)
+    theirs = lambda n: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=True, top_k=top_k, pad_token_id=0)
+    print(f"{n_layer} layers, {n_head} heads, {n_embd} wide, block_size {block_size}, vocab {vocab_size}, "
+          f"batch {batch_size}, 1-token prompt, {max_new_tokens} new tokens, top_k {top_k}, {device}, "
+          f"{torch.get_num_threads()} threads")
+    with torch.inference_mode(), ctx:  # both generate loops run without autograd bookkeeping
+        tokens_per_s(ours, 20)  # warm up
+        tokens_per_s(theirs, 20)
+        cached, hugging_face = [], []
+        for r in range(sample_rounds):
+            cached.append(tokens_per_s(ours))
+            hugging_face.append(tokens_per_s(theirs))
+            print(f"round {r}: KV cache {cached[-1]:.1f} tokens/s, Hugging Face {hugging_face[-1]:.1f} tokens/s")
+        uncached = tokens_per_s(lambda n: model.generate(prompt, n, top_k=top_k, use_cache=False))
+    cached, hugging_face = sorted(cached)[len(cached) // 2], sorted(hugging_face)[len(hugging_face) // 2]
+    print(f"tokens/s (median of {sample_rounds}): KV cache {cached:.1f}, no cache (nanoGPT's loop) {uncached:.1f}, "
+          f"Hugging Face generate {hugging_face:.1f}; KV cache vs Hugging Face {cached / hugging_face:.2f}x, "
+          f"vs no cache {cached / uncached:.1f}x")
+    sys.exit(0)
+
+# mode == 'train'
+if real_data:
+    data_path = os.path.join('data', dataset, 'train.bin')
+    if not os.path.exists(data_path):
+        sys.exit(f"bench.py: no {data_path}: run python data/{dataset}/prepare.py first, or pass --real_data=False")
+    train_data = np.memmap(data_path, dtype=np.uint16, mode='r')
+    if len(train_data) <= block_size:
+        sys.exit(f"bench.py: {data_path} has {len(train_data)} tokens, too few for block_size {block_size}")
+
+    def get_batch():
+        ix = torch.randint(len(train_data) - block_size, (batch_size,))
+        x = torch.stack([torch.from_numpy(train_data[i:i + block_size].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(train_data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+        if device_type == 'cuda':
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+else:
+    x = torch.randint(vocab_size, (batch_size, block_size), device=device)
+    y = torch.randint(vocab_size, (batch_size, block_size), device=device)
+    get_batch = lambda: (x, y)
+
+optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=device_type)
+if compile:
+    print("Compiling model...")
+    model = torch.compile(model)  # pytorch 2.0
+
+
+def train_step(X, Y):
+    with ctx:
+        logits, loss = model(X, Y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+if profile:
+    # torch.profiler over a few steps: wait, warm up, record; the trace opens in chrome://tracing or Perfetto
+    trace_path = 'trace_bench.json'
+    wait, warmup, active = 2, 2, 3
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+    with torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active),
+                                on_trace_ready=lambda prof: prof.export_chrome_trace(trace_path),
+                                record_shapes=False, profile_memory=False, with_stack=False) as prof:
+        X, Y = get_batch()
+        for k in range(wait + warmup + active):
+            lossf = train_step(X, Y)
+            X, Y = get_batch()
+            print(f"{k}/{wait + warmup + active} loss: {lossf:.4f}")
+            prof.step()
+    print(f"wrote profiler trace to {trace_path}")
+    print(prof.key_averages().table(sort_by='self_cuda_time_total' if device_type == 'cuda' else 'self_cpu_time_total', row_limit=15))
+else:
+    # the peak MFU is measured against: the device's bf16 peak on known GPUs, measured on the spot on CPU
+    if device_type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        peaks = {'A100': 312e12, 'H100': 989e12, 'H200': 989e12}  # dense bf16 FLOP/s (H100: the SXM part)
+        peak = next((p for key, p in peaks.items() if key in name), None)
+        peak_note = f"{name} bf16 peak" if peak else f"no known peak for {name}"
+    else:
+        a = torch.randn(2048, 2048)
+        a @ a
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ a
+        peak = 5 * 2 * 2048 ** 3 / (time.perf_counter() - t0)
+        peak_note = "CPU peak measured just now: fp32 2048x2048 matmul"
+    print(f"MFU against {peak / 1e9:.1f} GFLOP/s ({peak_note})" if peak else f"MFU not shown: {peak_note}")
+    X, Y = get_batch()
+    for stage, num_steps in enumerate([10, 20]):  # warm up (and compile), then time
+        sync()
+        t0 = time.perf_counter()
+        for k in range(num_steps):
+            lossf = train_step(X, Y)
+            X, Y = get_batch()
+            print(f"{k}/{num_steps} loss: {lossf:.4f}")
+        sync()
+        dt = time.perf_counter() - t0
+    raw_model = model._orig_mod if compile else model
+    mfu = f", MFU {raw_model.estimate_mfu(batch_size * num_steps, dt, peak) * 100:.2f}%" if peak else ""
+    print(f"time per iteration: {dt / num_steps * 1000:.2f} ms, {batch_size * block_size * num_steps / dt:,.0f} tokens/s{mfu}")

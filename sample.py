@@ -1,0 +1,163 @@
+"""
+Sample from a trained model (out_dir/ckpt.pt), from OpenAI's GPT-2, or from a local GPT-2 in
+Hugging Face format:
+    python sample.py --out_dir=out-shakespeare-char
+    python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=5 --max_new_tokens=100
+"""
+import os
+import pickle
+import sys
+from contextlib import nullcontext
+from dataclasses import fields
+
+import tiktoken
+import torch
+
+from model import GPT, GPTConfig, clean_state_dict
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (from out_dir), a GPT-2 variant ('gpt2', ..., 'gpt2-xl'), or a local Hugging Face GPT-2 directory
+out_dir = 'out'  # ignored if init_from is not 'resume'
+start = "\n"  # or "<|endoftext|>" or etc. Or "FILE:prompt.txt" to read the prompt from a file
+num_samples = 10  # samples drawn together, in one batch
+max_new_tokens = 500  # tokens generated in each sample
+temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random
+top_k = 200  # keep only the top_k most likely tokens (None: all)
+top_p = None  # nucleus sampling: keep the fewest tokens whose probability reaches top_p (None: all)
+seed = 1337
+device = 'cuda'  # 'cpu', 'cuda', 'cuda:0', 'mps', ...
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'  # 'float32', 'bfloat16', or 'float16'
+compile = False  # use PyTorch 2.0 to compile the model to be faster
+exec(open('configurator.py').read())  # overrides from command line or config file
+# -----------------------------------------------------------------------------
+
+
+def fail(msg):
+    sys.exit(f"sample.py: {msg}")
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain dicts, lists, tuples, strings and numbers only. Anything else in a pickle is
+    a reference to a class or function (which unpickling would call), and is refused."""
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+
+
+def load_vocabulary(path, dataset):
+    try:
+        with open(path, 'rb') as f:
+            meta = PlainUnpickler(f).load()
+    except Exception as e:  # a refused reference, or a damaged file
+        fail(f"{path} is not a plain vocabulary pickle ({e}); refusing to load it: "
+             f"re-create it with python data/{dataset}/prepare.py")
+    stoi, itos = (meta.get('stoi'), meta.get('itos')) if isinstance(meta, dict) else (None, None)
+    if not (isinstance(stoi, dict) and isinstance(itos, dict)
+            and all(isinstance(s, str) and isinstance(i, int) for s, i in stoi.items())
+            and all(isinstance(i, int) and isinstance(s, str) for i, s in itos.items())):
+        fail(f"{path} has no 'stoi'/'itos' vocabulary of characters and ids: "
+             f"re-create it with python data/{dataset}/prepare.py")
+    return stoi, itos
+
+
+if device.startswith('cuda') and not torch.cuda.is_available():
+    fail(f"device '{device}' is not available on this machine: pass --device=cpu")
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    fail(f"dtype must be 'float32', 'bfloat16' or 'float16', not '{dtype}'")
+if num_samples < 1 or max_new_tokens < 1 or not temperature > 0:
+    fail("num_samples and max_new_tokens must be at least 1 and temperature above 0")
+torch.manual_seed(seed)
+torch.cuda.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+# model
+dataset = None  # the training data of a resumed checkpoint, for its vocabulary
+if init_from == 'resume':
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(ckpt_path):
+        fail(f"no checkpoint {ckpt_path}: train a model first (python train.py ...), or pass --out_dir=<its directory>")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain values
+        fail(f"cannot load {ckpt_path} safely ({str(e).splitlines()[0]}); only checkpoints of tensors and plain values load")
+    model_args = checkpoint.get('model_args', {})
+    unknown = set(model_args) - {f.name for f in fields(GPTConfig)}
+    if unknown:
+        fail(f"{ckpt_path} has model_args this model does not know: {sorted(unknown)}")
+    model = GPT(GPTConfig(**model_args))  # nanoGPT's checkpoints lack flash_attn and alibi: their defaults match
+    try:
+        model.load_state_dict(clean_state_dict(checkpoint['model']))
+    except (KeyError, RuntimeError) as e:
+        fail(f"{ckpt_path} does not hold the weights of its model_args ({str(e).splitlines()[0]})")
+    dataset = (checkpoint.get('config') or {}).get('dataset')
+elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+    try:
+        model = GPT.from_pretrained(init_from, dict(dropout=0.0))
+    except (OSError, ValueError) as e:
+        fail(f"cannot load '{init_from}' ({str(e).splitlines()[0]})")
+else:
+    fail(f"init_from must be 'resume', a GPT-2 variant (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a "
+         f"Hugging Face GPT-2 directory; '{init_from}' is none of these")
+model.eval()
+model.to(device)
+if device_type == 'cpu':
+    model.use_matvec_layout()  # decoding is matrix-vector products, faster in this layout on CPU
+if compile:
+    model.compile(dynamic=True)  # in place, so generate's calls go through it; one graph for all lengths
+
+# tokenizer: the dataset's characters when it has a meta.pkl, else GPT-2's BPE
+meta_path = os.path.join('data', dataset, 'meta.pkl') if dataset else None
+stop_token = None
+if meta_path and os.path.exists(meta_path):
+    print(f"Loading meta from {meta_path}...")
+    stoi, itos = load_vocabulary(meta_path, dataset)
+
+    def encode(s):
+        missing = sorted(set(s) - set(stoi))
+        if missing:
+            fail(f"the prompt has characters outside the model's vocabulary ({meta_path}): "
+                 f"{', '.join(repr(c) for c in missing)}")
+        return [stoi[c] for c in s]
+
+    def decode(ids):
+        return ''.join(itos.get(i, '') for i in ids)
+else:
+    print("No meta.pkl found, assuming GPT-2 encodings...")
+    enc = tiktoken.get_encoding("gpt2")
+    stop_token = enc.eot_token  # <|endoftext|>: a sample ends there
+
+    def encode(s):
+        return enc.encode(s, allowed_special={"<|endoftext|>"})
+
+    def decode(ids):
+        return enc.decode(ids)
+
+# prompt
+if start.startswith('FILE:'):
+    prompt_path = start[5:]
+    if not os.path.isfile(prompt_path):
+        fail(f"no prompt file {prompt_path}")
+    with open(prompt_path, 'r', encoding='utf-8') as f:
+        start = f.read()
+    if not start:
+        fail(f"the prompt file {prompt_path} is empty: write a prompt in it")
+if not start:
+    fail("the prompt is empty: pass --start=<text> or --start=FILE:<path>")
+start_ids = encode(start)
+if max(start_ids) >= model.config.vocab_size:
+    fail(f"the prompt has token ids up to {max(start_ids)} but the model's vocabulary has {model.config.vocab_size}")
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...].repeat(num_samples, 1)
+
+# run generation: all samples in one batch
+with torch.inference_mode():
+    with ctx:
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_token=stop_token)
+for row in y.tolist():
+    new = row[len(start_ids):]
+    if stop_token in new:
+        new = new[:new.index(stop_token)]
+    print(decode(row[:len(start_ids)] + new))
+    print('---------------')

@@ -1,0 +1,306 @@
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed=0, **kw):
+    """A small random GPT whose greedy continuation depends on the whole context (GPT-2's init
+    would mostly repeat the last token, which cannot tell a broken cache from a working one)."""
+    args = dict(block_size=16, vocab_size=50, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
+    args.update(kw)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**args)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() == 2 else 0.1)
+    return model
+
+
+def nanogpt_greedy(model, idx, steps):
+    """nanoGPT's loop: re-run the (cropped) context for every new token."""
+    for _ in range(steps):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+# ----------------------------------------------------------------------------- KV-cache generation
+
+@pytest.mark.parametrize('alibi', [False, True])
+@pytest.mark.parametrize('flash', [False, True])
+@pytest.mark.parametrize('prompt_len,steps', [(3, 10), (3, 40), (20, 5)])  # inside, past, and a prompt past block_size
+def test_cached_greedy_is_nanogpts_loop(alibi, flash, prompt_len, steps):
+    model = tiny_model(alibi=alibi, flash_attn=flash)
+    idx = torch.randint(0, 50, (2, prompt_len))
+    cached = model.generate(idx, steps, top_k=1)
+    assert cached.shape == (2, prompt_len + steps)
+    assert torch.equal(cached, model.generate(idx, steps, top_k=1, use_cache=False))
+    assert torch.equal(cached, nanogpt_greedy(model, idx, steps))
+
+
+@pytest.mark.parametrize('alibi', [False, True])
+def test_cached_sampling_draws_the_same_tokens(alibi):
+    model = tiny_model(alibi=alibi)
+    idx = torch.randint(0, 50, (3, 2))
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        outs.append(model.generate(idx, 30, temperature=1.5, top_k=20, top_p=0.9, use_cache=use_cache))
+    assert torch.equal(*outs)
+    assert len(set(outs[0][0, 2:].tolist())) > 3  # really sampled, not a constant
+
+
+def test_matvec_layout_changes_storage_not_results():
+    model = tiny_model()
+    idx = torch.randint(0, 50, (2, 5))
+    before = model.generate(idx, 8, top_k=1)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    model.use_matvec_layout()
+    assert not model.transformer.h[0].mlp.c_fc.weight.is_contiguous()  # (128, 32): stored transposed
+    assert model.transformer.h[0].mlp.c_proj.weight.is_contiguous()  # (32, 128): kept
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model.generate(idx, 8, top_k=1), before)
+
+
+@pytest.mark.parametrize('flash', [False, True])
+def test_kv_cache_is_preallocated_once(flash):
+    model = tiny_model(flash_attn=flash)
+    kv_cache = [[] for _ in model.transformer.h]
+    idx = torch.randint(0, 50, (1, 16))
+    model(idx[:, :4], kv_cache=kv_cache)
+    k0 = kv_cache[0][0]
+    assert k0.shape == (1, 4, 16, 8)  # room for the whole context from the start
+    for pos in range(4, 16):
+        logits, _ = model(idx[:, pos:pos + 1], kv_cache=kv_cache, pos=pos)
+        assert kv_cache[0][0] is k0  # written in place, never re-made or concatenated
+        assert torch.allclose(logits, model(idx[:, :pos + 1])[0], atol=1e-5)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    model = tiny_model()
+    idx = torch.randint(0, 50, (2, 3))
+    # top_p so small that only the most likely token survives: greedy
+    assert torch.equal(model.generate(idx, 10, top_p=1e-6), model.generate(idx, 10, top_k=1))
+    # with top_p=0.5 every drawn token is among those the nucleus allows
+    torch.manual_seed(1)
+    out = model.generate(idx, 12, top_p=0.5, temperature=3.0)
+    for t in range(3, 15):
+        probs = torch.softmax(model(out[:, :t])[0][:, -1] / 3.0, dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more likely tokens
+        for b in range(2):
+            rank = (order[b] == out[b, t]).nonzero().item()
+            assert before[b, rank] < 0.5 + 1e-6
+
+
+def test_generation_stops_once_every_row_has_the_stop_token():
+    model = tiny_model()
+    idx = torch.randint(0, 50, (2, 3))
+    greedy = model.generate(idx, 12, top_k=1)
+    stop = greedy[0, 5].item()  # row 0 produces it by its third new token
+
+    def length_up_to_stop(row):
+        hits = (row[3:] == stop).nonzero()
+        return hits[0].item() + 4 if len(hits) else 15
+    expected = max(length_up_to_stop(greedy[b]) for b in range(2))
+    out = model.generate(idx, 12, top_k=1, stop_token=stop)
+    assert torch.equal(out, greedy[:, :expected])
+    one_row = model.generate(idx[:1], 12, top_k=1, stop_token=stop)
+    assert torch.equal(one_row, greedy[:1, :length_up_to_stop(greedy[0])])
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+CHARS = sorted(set("hello world, the quick brown fox!\n"))
+
+
+def char_meta():
+    return {'vocab_size': len(CHARS), 'itos': dict(enumerate(CHARS)), 'stoi': {c: i for i, c in enumerate(CHARS)}}
+
+
+def write_checkpoint(path, model, dataset, nanogpt_style=False):
+    """A checkpoint as train.py writes it; nanogpt_style: as nanoGPT's (compiled, no flash_attn/alibi)."""
+    c = model.config
+    model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
+                      bias=c.bias, vocab_size=c.vocab_size, dropout=c.dropout, flash_attn=c.flash_attn, alibi=c.alibi)
+    state = model.state_dict()
+    if nanogpt_style:
+        del model_args['flash_attn'], model_args['alibi']
+        state = {'_orig_mod.' + k: v for k, v in state.items()}
+        state.update({f'_orig_mod.transformer.h.{i}.attn.bias': torch.ones(1, 1, c.block_size, c.block_size).tril()
+                      for i in range(c.n_layer)})
+    optimizer = torch.optim.AdamW(model.parameters())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({'model': state, 'optimizer': optimizer.state_dict(), 'model_args': model_args, 'iter_num': 100,
+                'best_val_loss': 1.5, 'config': {'dataset': dataset, 'batch_size': 4, 'learning_rate': 1e-3}}, path)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A directory to run sample.py in, as from a repo root, with its own data/ and out/."""
+    for name in ('sample.py', 'model.py', 'configurator.py'):
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def char_workdir(workdir):
+    """A character-level checkpoint in out/ and its meta.pkl in data/tinychars/."""
+    os.makedirs(workdir / 'data' / 'tinychars')
+    with open(workdir / 'data' / 'tinychars' / 'meta.pkl', 'wb') as f:
+        pickle.dump(char_meta(), f)
+    model = tiny_model(vocab_size=len(CHARS), block_size=32)
+    write_checkpoint(str(workdir / 'out' / 'ckpt.pt'), model, 'tinychars')
+    return workdir, model
+
+
+def run_sample(cwd, *args):
+    env = dict(os.environ, OMP_NUM_THREADS='1')  # tiny models, and a CPU shared with other jobs
+    return subprocess.run([sys.executable, 'sample.py', '--device=cpu', *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def samples(stdout):
+    """The printed samples (each is followed by a line of dashes)."""
+    body = stdout[stdout.index('assuming GPT-2 encodings...\n') + 28:] if 'assuming GPT-2' in stdout else \
+        stdout[stdout.index('meta.pkl...\n') + 12:]
+    return body.split('\n---------------\n')[:-1]
+
+
+def greedy_text(model, prompt, steps, num_samples):
+    stoi, itos = char_meta()['stoi'], char_meta()['itos']
+    idx = torch.tensor([[stoi[c] for c in prompt]] * num_samples)
+    model.use_matvec_layout()  # as sample.py does on CPU
+    return [''.join(itos[i] for i in row) for row in model.generate(idx, steps, top_k=1).tolist()]
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert 'Traceback' not in result.stderr and result.stderr.count('\n') == 1, result.stderr
+    assert result.stderr.startswith('sample.py: ')
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_samples_a_character_model_in_one_batch(char_workdir):
+    cwd, model = char_workdir
+    result = run_sample(cwd, '--out_dir=out', '--start=hello', '--top_k=1', '--num_samples=3', '--max_new_tokens=12')
+    assert result.returncode == 0, result.stderr
+    assert 'Loading meta from data/tinychars/meta.pkl' in result.stdout
+    assert samples(result.stdout) == greedy_text(model, 'hello', 12, 3)
+
+
+def test_prompt_from_file_and_top_p(char_workdir):
+    cwd, model = char_workdir
+    (cwd / 'prompt.txt').write_text('the fox,\nhello ')
+    result = run_sample(cwd, '--out_dir=out', '--start=FILE:prompt.txt', '--top_k=None', '--top_p=1e-6',
+                        '--num_samples=1', '--max_new_tokens=5')
+    assert result.returncode == 0, result.stderr
+    assert samples(result.stdout) == greedy_text(model, 'the fox,\nhello ', 5, 1)  # top_p that small: greedy
+
+
+def test_loads_nanogpt_checkpoints(char_workdir):
+    cwd, _ = char_workdir
+    model = tiny_model(seed=3, vocab_size=len(CHARS))
+    write_checkpoint(str(cwd / 'out-old' / 'ckpt.pt'), model, 'tinychars', nanogpt_style=True)
+    result = run_sample(cwd, '--out_dir=out-old', '--start=hi', '--top_k=1', '--num_samples=1', '--max_new_tokens=6')
+    assert result.returncode == 0, result.stderr
+    assert samples(result.stdout) == greedy_text(model, 'hi', 6, 1)
+
+
+def test_bad_prompts_get_one_line_errors(char_workdir):
+    cwd, _ = char_workdir
+    (cwd / 'empty.txt').write_text('')
+    assert_one_line_error(run_sample(cwd, '--out_dir=out', '--start=FILE:empty.txt'), 'empty.txt is empty')
+    assert_one_line_error(run_sample(cwd, '--out_dir=out', '--start=FILE:nothere.txt'), 'no prompt file nothere.txt')
+    assert_one_line_error(run_sample(cwd, '--out_dir=out', '--start=hello WORLD€'),
+                          'outside the model', "'D', 'L', 'O', 'R', 'W', '€'")
+
+
+def test_missing_checkpoint_is_a_one_line_error(workdir):
+    assert_one_line_error(run_sample(workdir, '--out_dir=out-nothing'), 'no checkpoint out-nothing/ckpt.pt', 'train.py')
+
+
+class Payload:
+    """Stands for arbitrary code: unpickling a Payload creates the file at self.path."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+def test_malicious_meta_pkl_is_refused_and_runs_nothing(char_workdir):
+    cwd, _ = char_workdir
+    marker = cwd / 'pwned'
+    meta = dict(char_meta(), extra=Payload(str(marker)))
+    with open(cwd / 'data' / 'tinychars' / 'meta.pkl', 'wb') as f:
+        pickle.dump(meta, f)
+    result = run_sample(cwd, '--out_dir=out', '--start=hello')
+    assert_one_line_error(result, 'meta.pkl is not a plain vocabulary pickle', 'open', 'prepare.py')
+    assert not marker.exists()
+    with open(cwd / 'data' / 'tinychars' / 'meta.pkl', 'rb') as f:
+        pickle.load(f)  # an ordinary unpickler would have run it
+    assert marker.exists()
+
+
+def test_checkpoint_with_objects_is_refused(workdir):
+    model = tiny_model()
+    write_checkpoint(str(workdir / 'out' / 'ckpt.pt'), model, None)
+    ckpt = torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)
+    ckpt['config']['hook'] = Payload(str(workdir / 'pwned'))
+    torch.save(ckpt, workdir / 'out' / 'ckpt.pt')
+    assert_one_line_error(run_sample(workdir, '--out_dir=out'), 'cannot load out/ckpt.pt safely')
+    assert not (workdir / 'pwned').exists()
+
+
+def test_stops_at_end_of_text(workdir):
+    model = tiny_model(vocab_size=50304, n_embd=32)
+    with torch.no_grad():  # make <|endoftext|> (50256) the most likely next token after anything
+        direction = torch.randn(32)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(direction)
+        model.lm_head.weight[50256] = 10 * direction
+    write_checkpoint(str(workdir / 'out' / 'ckpt.pt'), model, None)
+    result = run_sample(workdir, '--out_dir=out', '--start=Once upon a time', '--num_samples=2', '--max_new_tokens=50')
+    assert result.returncode == 0, result.stderr
+    assert samples(result.stdout) == ['Once upon a time'] * 2
+    assert '<|endoftext|>' not in result.stdout
+
+
+def test_samples_a_local_hugging_face_gpt2(workdir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    hf.save_pretrained(workdir / 'my-gpt2')
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    idx = torch.tensor([enc.encode('Hello world')])
+    with torch.no_grad():  # Hugging Face's greedy continuation
+        for _ in range(6):
+            idx = torch.cat((idx, hf(idx).logits[:, -1:].argmax(-1)), dim=1)
+    tokens = idx[0].tolist()
+    expected = enc.decode(tokens[:tokens.index(50256, 2)] if 50256 in tokens[2:] else tokens)
+    result = run_sample(workdir, '--init_from=my-gpt2', '--start=Hello world', '--top_k=1', '--num_samples=1',
+                        '--max_new_tokens=6')
+    assert result.returncode == 0, result.stderr
+    assert 'loading weights from pretrained gpt: my-gpt2' in result.stdout
+    assert samples(result.stdout) == [expected]
