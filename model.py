@@ -10,6 +10,7 @@ checkpoints load unchanged. Three toggles set this model apart:
 """
 
 import math
+import pickle
 import inspect
 from dataclasses import dataclass
 
@@ -62,6 +63,27 @@ def clean_state_dict(state_dict):
     prefix = '_orig_mod.'
     sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
     return {k: v for k, v in sd.items() if not k.endswith('.attn.bias')}
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain dicts, lists, tuples, strings and numbers only. Anything else in a pickle is a
+    reference to a class or function, which unpickling would call: a meta.pkl from the internet could run code."""
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+
+
+def load_meta(path):
+    """A dataset's meta.pkl (nanoGPT's {'vocab_size', 'itos', 'stoi'}), read without running any code.
+    Raises ValueError when the file holds anything but plain values."""
+    try:
+        with open(path, 'rb') as f:
+            meta = PlainUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{path} is not a plain vocabulary pickle ({e}); refusing to load it: re-create it with "
+                         f"the dataset's prepare.py") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
+        raise ValueError(f"{path} has no 'vocab_size': re-create it with the dataset's prepare.py")
+    return meta
 
 
 class CausalSelfAttention(nn.Module):
@@ -192,9 +214,9 @@ class GPT(nn.Module):
     @torch.compiler.disable  # python-side caching; keeps the compiled graph free of it
     def attention_bias(self, Tq, Tk, device, dtype):
         """Additive attention bias for the last Tq of Tk positions: -inf above the diagonal, and
-        -slope * distance with ALiBi. None for plain causal attention through flash (is_causal).
+        -slope * distance with ALiBi. None where flash attention needs no mask (is_causal, or one query).
         Built once per (device, dtype) for the longest length seen and sliced after that."""
-        if self.config.flash_attn and not self.config.alibi:
+        if self.config.flash_attn and not self.config.alibi and Tq in (1, Tk):
             return None
         bias = self._attn_bias_cache.get((device, dtype))
         if bias is None or bias.size(-1) < Tk:

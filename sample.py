@@ -5,7 +5,6 @@ Hugging Face format:
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=5 --max_new_tokens=100
 """
 import os
-import pickle
 import sys
 from contextlib import nullcontext
 from dataclasses import fields
@@ -13,7 +12,7 @@ from dataclasses import fields
 import tiktoken
 import torch
 
-from model import GPT, GPTConfig, clean_state_dict
+from model import GPT, GPTConfig, clean_state_dict, load_meta
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a GPT-2 variant ('gpt2', ..., 'gpt2-xl'), or a local Hugging Face GPT-2 directory
@@ -36,21 +35,12 @@ def fail(msg):
     sys.exit(f"sample.py: {msg}")
 
 
-class PlainUnpickler(pickle.Unpickler):
-    """Unpickles plain dicts, lists, tuples, strings and numbers only. Anything else in a pickle is
-    a reference to a class or function (which unpickling would call), and is refused."""
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
-
-
 def load_vocabulary(path, dataset):
     try:
-        with open(path, 'rb') as f:
-            meta = PlainUnpickler(f).load()
-    except Exception as e:  # a refused reference, or a damaged file
-        fail(f"{path} is not a plain vocabulary pickle ({e}); refusing to load it: "
-             f"re-create it with python data/{dataset}/prepare.py")
-    stoi, itos = (meta.get('stoi'), meta.get('itos')) if isinstance(meta, dict) else (None, None)
+        meta = load_meta(path)
+    except ValueError as e:
+        fail(str(e))
+    stoi, itos = meta.get('stoi'), meta.get('itos')
     if not (isinstance(stoi, dict) and isinstance(itos, dict)
             and all(isinstance(s, str) and isinstance(i, int) for s, i in stoi.items())
             and all(isinstance(i, int) and isinstance(s, str) for i, s in itos.items())):
@@ -133,7 +123,7 @@ else:
         return enc.encode(s, allowed_special={"<|endoftext|>"})
 
     def decode(ids):
-        return enc.decode(ids)
+        return enc.decode([i for i in ids if i < enc.n_vocab])  # a padded vocabulary's extra ids are not text
 
 # prompt
 if start.startswith('FILE:'):

@@ -14,7 +14,6 @@ import sys
 import json
 import math
 import time
-import pickle
 from contextlib import nullcontext
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
-from model import GPTConfig, GPT, clean_state_dict, fit_embedding_matrix
+from model import GPTConfig, GPT, clean_state_dict, fit_embedding_matrix, load_meta
 
 # -----------------------------------------------------------------------------
 # settings; the defaults train GPT-2 small (124M) on OpenWebText
@@ -162,8 +161,10 @@ def get_train_batch(it, micro_step):
 meta_path = os.path.join(data_dir, 'meta.pkl')
 meta_vocab_size = None
 if os.path.exists(meta_path):
-    with open(meta_path, 'rb') as f:
-        meta_vocab_size = pickle.load(f)['vocab_size']
+    try:
+        meta_vocab_size = load_meta(meta_path)['vocab_size']
+    except ValueError as e:
+        fail(str(e))
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta_vocab_size or 50304,  # GPT-2's 50257 rounded up for efficiency

@@ -264,3 +264,17 @@ def test_clean_state_dict_reads_compiled_and_non_flash_nanogpt_checkpoints():
     sd = {'_orig_mod.' + k: v for k, v in model.state_dict().items()}
     sd['_orig_mod.transformer.h.0.attn.bias'] = torch.ones(1, 1, 32, 32)  # nanoGPT's mask buffer
     GPT(tiny_config()).load_state_dict(clean_state_dict(sd))
+
+
+@pytest.mark.parametrize('alibi', [False, True])
+@pytest.mark.parametrize('flash', [False, True])
+def test_kv_cache_in_chunks_equals_one_forward(flash, alibi):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(flash_attn=flash, alibi=alibi)).eval()
+    idx = torch.randint(0, 96, (2, 20))
+    full, _ = model(idx, idx)
+    kv_cache = [[] for _ in model.transformer.h]
+    model(idx[:, :8], kv_cache=kv_cache)
+    model(idx[:, 8:13], kv_cache=kv_cache, pos=8)  # several new positions at once: the mask must be offset
+    last, _ = model(idx[:, 13:], kv_cache=kv_cache, pos=13)
+    assert (last[:, -1] - full[:, -1]).abs().max().item() < 1e-5
