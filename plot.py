@@ -41,7 +41,7 @@ for path in out_dirs.split(','):
                 continue  # e.g. the half-written last line of a run still training
             if isinstance(record, dict) and 'iter' in record:
                 iters[record['iter']] = record['loss']
-            elif isinstance(record, dict) and 'step' in record:
+            elif isinstance(record, dict) and 'val_loss' in record:  # not the HellaSwag records, which also have a step
                 evals[record['step']] = record
     if not iters and not evals:
         sys.exit(f"{prog}: {log_path} has no iteration or evaluation records")

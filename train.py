@@ -33,6 +33,8 @@ eval_iters = 200
 eval_only = False  # evaluate once, then stop
 always_save_checkpoint = True  # save at every evaluation; False: only when val loss is the best so far
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2*' or a Hugging Face GPT-2 directory
+hellaswag_interval = 0  # score HellaSwag (hellaswag.py) every this many steps and at the end; 0: never. GPT-2 BPE models only
+hellaswag_file = os.path.join('data', 'hellaswag', 'hellaswag_val.jsonl')  # downloaded by the first process when absent
 # Weights & Biases
 wandb_log = False
 wandb_project = 'owt'
@@ -236,6 +238,27 @@ if checkpoint is not None:
         scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free its memory
 
+hellaswag_examples = None
+if hellaswag_interval > 0:
+    from hellaswag import download_hellaswag, load_hellaswag, evaluate_hellaswag
+    if model_args['vocab_size'] < 50257:
+        fail(f"hellaswag_interval={hellaswag_interval} needs a model of GPT-2's BPE tokens (vocab_size >= 50257), but this one "
+             f"has {model_args['vocab_size']} (a character-level dataset?): set hellaswag_interval=0")
+    if master_process and not os.path.exists(hellaswag_file):
+        try:
+            download_hellaswag(hellaswag_file)
+        except OSError as e:
+            fail(f"cannot download {hellaswag_file} ({e}): fetch hellaswag_val.jsonl from github.com/rowanz/hellaswag "
+                 f"and pass --hellaswag_file=path/to/it, or set hellaswag_interval=0")
+    if ddp:
+        torch.distributed.barrier()  # the others wait for the download
+    try:
+        hellaswag_examples = load_hellaswag(hellaswag_file)
+    except (OSError, ValueError) as e:  # OSError: e.g. a machine that does not share the first process's disk
+        sys.exit(f"train.py: cannot read HellaSwag items ({e}): put {hellaswag_file} on every machine, or set hellaswag_interval=0")
+    if not hellaswag_examples:
+        fail(f"{hellaswag_file} holds no HellaSwag items: point --hellaswag_file at hellaswag_val.jsonl")
+
 if compile:
     print("compiling the model (the first iterations take a while)")
     model = torch.compile(model)
@@ -341,6 +364,18 @@ while True:
                 save_checkpoint()
                 checkpoint_iter = iter_num
         t0 = time.time()  # the iteration's time excludes the evaluation
+    if hellaswag_examples and (iter_num % hellaswag_interval == 0 or iter_num >= max_iters or eval_only):
+        # every process scores its share of the items (rows per forward as in training), then the counts are summed
+        counts = torch.tensor(evaluate_hellaswag(raw_model, hellaswag_examples, device, max(1, batch_size // 4), ctx,
+                                                 ddp_rank, ddp_world_size), device=device)
+        if ddp:
+            torch.distributed.all_reduce(counts)
+        num_correct, num_correct_norm, num_total = counts.tolist()
+        if master_process:
+            print(f"step {iter_num}: hellaswag acc {num_correct / num_total:.4f} ({num_correct}/{num_total}), "
+                  f"acc_norm {num_correct_norm / num_total:.4f} ({num_correct_norm}/{num_total})")
+            log({'step': iter_num, 'hellaswag_acc': num_correct / num_total, 'hellaswag_acc_norm': num_correct_norm / num_total})
+        t0 = time.time()
     if iter_num >= max_iters or eval_only:
         break
 

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import subprocess
 import sys
@@ -166,3 +167,66 @@ def test_script_refuses_a_character_level_model(items_file, tmp_path):
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert 'vocabulary of 65 tokens' in proc.stderr and 'GPT-2' in proc.stderr
+
+
+def train_repo(tmp_path, vocab_size=None):
+    """A copy of the scripts with data/tiny: random tokens, of GPT-2's vocabulary unless a meta.pkl says otherwise."""
+    import shutil
+    import numpy as np
+    for name in ('train.py', 'model.py', 'configurator.py', 'hellaswag.py'):
+        shutil.copy(ROOT + '/' + name, tmp_path)
+    data = tmp_path / 'data' / 'tiny'
+    data.mkdir(parents=True)
+    tokens = np.random.default_rng(0).integers(0, vocab_size or 50257, 2000).astype(np.uint16)
+    tokens[:1800].tofile(data / 'train.bin')
+    tokens[1800:].tofile(data / 'val.bin')
+    if vocab_size:
+        import pickle
+        with open(data / 'meta.pkl', 'wb') as f:
+            pickle.dump({'vocab_size': vocab_size}, f)
+    return tmp_path
+
+
+def run_train(repo, *args, nproc=1):
+    launch = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] if nproc > 1 else []
+    return subprocess.run([sys.executable, *launch, 'train.py', '--device=cpu', '--compile=False', '--dtype=float32',
+                           '--dataset=tiny', '--out_dir=out', '--n_layer=1', '--n_head=2', '--n_embd=16',
+                           '--block_size=16', '--batch_size=4', '--gradient_accumulation_steps=2', '--eval_iters=1',
+                           '--log_interval=1', '--warmup_iters=1', *args],
+                          capture_output=True, text=True, cwd=repo, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+
+
+def test_train_scores_hellaswag_split_over_two_processes(items_file, tmp_path):
+    repo = train_repo(tmp_path)
+    proc = run_train(repo, '--max_iters=3', '--eval_interval=3', '--hellaswag_interval=2',
+                     f'--hellaswag_file={items_file}', nproc=2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with open(repo / 'out' / 'log.jsonl') as f:
+        scored = [r for r in map(json.loads, f) if 'hellaswag_acc_norm' in r]
+    assert [r['step'] for r in scored] == [0, 2, 3]  # every hellaswag_interval steps and at the end
+
+    # the whole set, scored by the two processes together, is what one process scores on the saved weights
+    checkpoint = torch.load(repo / 'out' / 'ckpt.pt', map_location='cpu', weights_only=True)
+    assert checkpoint['iter_num'] == 3
+    model = GPT(GPTConfig(**checkpoint['model_args']))
+    model.load_state_dict(checkpoint['model'])
+    correct, correct_norm, total = evaluate_hellaswag(model, load_hellaswag(items_file), 'cpu')
+    assert scored[-1]['hellaswag_acc'] == correct / total and scored[-1]['hellaswag_acc_norm'] == correct_norm / total
+    assert (f"step 3: hellaswag acc {correct / total:.4f} ({correct}/{total}), "
+            f"acc_norm {correct_norm / total:.4f} ({correct_norm}/{total})") in proc.stdout
+    assert total == len(ITEMS)
+
+    # plot.py draws the losses of a log with HellaSwag records in it
+    png = tmp_path / 'loss.png'
+    plot = subprocess.run([sys.executable, 'plot.py', f'--out_dirs={repo / "out"}', f'--out={png}'],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert plot.returncode == 0 and png.exists(), plot.stderr
+
+
+def test_train_refuses_hellaswag_for_a_character_level_model(items_file, tmp_path):
+    repo = train_repo(tmp_path, vocab_size=65)
+    proc = run_train(repo, '--max_iters=3', '--hellaswag_interval=2', f'--hellaswag_file={items_file}')
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('train.py: hellaswag_interval=2') and 'vocab_size >= 50257' in last and 'has 65' in last
+    assert not (repo / 'out' / 'ckpt.pt').exists()
