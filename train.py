@@ -17,6 +17,7 @@ import time
 import pickle
 from contextlib import nullcontext
 
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch starts OpenMP: idle threads sleep, not spin on cores others need
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -70,7 +71,7 @@ min_lr = 6e-5  # where it ends; Chinchilla suggests about learning_rate / 10
 backend = 'nccl'  # between GPUs; processes on CPUs always talk through 'gloo'
 # hardware
 device = 'cuda'  # or 'cpu', 'cuda:1', 'mps'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'  # or 'float32'; CPU runs in float32
+dtype = 'bfloat16' if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else 'float16'  # or 'float32'; see cpu_bf16
 compile = True  # torch.compile the model: slower start, faster steps
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
@@ -120,7 +121,11 @@ torch.manual_seed(seed)  # the same initial weights in every process
 if device_type == 'cuda':
     torch.set_float32_matmul_precision('high')  # TF32 matmuls
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+# a CPU runs float32, or bfloat16 autocast where it has bf16 instructions (AVX512-BF16, AMX): twice the matmul speed
+cpu_bf16 = device_type == 'cpu' and dtype == 'bfloat16' and torch.cpu._is_avx512_bf16_supported()
+if cpu_bf16:
+    torch.backends.cuda.enable_flash_sdp(False)  # the switch for CPUs too: their flash kernel is slow backward in bf16
+ctx = torch.amp.autocast(device_type=device_type, dtype=ptdtype) if device_type == 'cuda' or cpu_bf16 else nullcontext()
 
 # data: token ids as uint16 in train.bin and val.bin
 data_dir = os.path.join('data', dataset)
