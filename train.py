@@ -17,7 +17,9 @@ import time
 import pickle
 from contextlib import nullcontext
 
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch starts OpenMP: idle threads sleep, not spin on cores others need
+# before torch starts OpenMP: its idle threads spin ~10 us, then sleep. libgomp's default ~3 ms of spinning
+# steals the cores that working threads need on a busy CPU (many times slower); this keeps a quiet one as fast
+os.environ.setdefault('GOMP_SPINCOUNT', '1000')
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
