@@ -36,7 +36,8 @@ if compile:
 
 
 def time_run(name, env, args, out_dir):
-    """Runs train.py; returns its median ms/iteration (past the first 5), final val loss and wall seconds."""
+    """Runs train.py; returns its median ms/iteration (past the first 5), final val loss, wall seconds and
+    the seconds beyond the iterations at that median pace."""
     t0 = time.time()
     result = subprocess.run([sys.executable, 'train.py', *quick_start, *args, f'--out_dir={out_dir}'],
                             env={**os.environ, **env}, capture_output=True, text=True)
@@ -47,8 +48,8 @@ def time_run(name, env, args, out_dir):
         records = [json.loads(line) for line in f]
     iter_ms = [r['time_ms'] for r in records if 'iter' in r]
     val_loss = [r['val_loss'] for r in records if 'step' in r][-1]
-    # startup, evaluations and compilation: the wall time the iterations do not account for
-    return statistics.median(iter_ms[5:]), val_loss, wall, wall - sum(iter_ms) / 1000
+    ms = statistics.median(iter_ms[5:])
+    return ms, val_loss, wall, wall - ms * len(iter_ms) / 1000  # the last: startup, evals and compiling
 
 
 tokens_per_iter = 12 * 64
@@ -59,7 +60,7 @@ with tempfile.TemporaryDirectory() as tmp:
             ms, val_loss, wall, other = time_run(name, env, args, os.path.join(tmp, f'run{i}-{repeat}'))
             results[name].append(ms)
             print(f"{name:18s} {ms:7.1f} ms/iter  {tokens_per_iter / ms * 1000:6.0f} tok/s  val loss {val_loss:.4f} "
-                  f"at {max_iters}  wall {wall:5.0f}s, of which startup and evals {other:4.0f}s", flush=True)
+                  f"at {max_iters}  wall {wall:5.0f}s, of which startup, evals, compiling {other:4.0f}s", flush=True)
 
 print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 medians = {name: statistics.median(ms) for name, ms in results.items()}
