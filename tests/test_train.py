@@ -109,6 +109,15 @@ def test_resume_reproduces_the_uninterrupted_run(repo):
         assert torch.equal(a['model'][k], b['model'][k]), k
 
 
+def test_cpu_bfloat16_trains_as_well_as_float32(repo):
+    """dtype='bfloat16', the default on a CPU, autocasts where the CPU has bf16 instructions (float32 elsewhere)."""
+    for dtype in ('float32', 'bfloat16'):
+        run(repo, *TINY, f'--dtype={dtype}', '--max_iters=30', '--eval_interval=30', f'--out_dir={dtype}')
+    f32, bf16 = ([r['val_loss'] for r in read_log(repo, d) if 'step' in r] for d in ('float32', 'bfloat16'))
+    assert bf16[-1] < bf16[0] - 1.0
+    assert bf16[-1] == pytest.approx(f32[-1], abs=0.05)
+
+
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(repo):
     args = [*TINY, '--gradient_accumulation_steps=4', '--max_iters=4', '--eval_interval=4']
     ddp = run(repo, *args, '--out_dir=ddp', torchrun=True)
