@@ -348,7 +348,7 @@ class GPT(nn.Module):
             else:
                 logits, _ = self(idx[:, cache_len:], kv_cache=kv_cache, pos=cache_len)
                 cache_len = T
-            logits = logits[:, -1, :] / temperature
+            logits = logits[:, -1, :].float() / temperature  # sampling in float32 whatever the model's dtype
             if top_k is not None and top_k < logits.size(-1):
                 v, _ = torch.topk(logits, top_k)
                 logits[logits < v[:, [-1]]] = -float('Inf')
