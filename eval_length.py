@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig, clean_state_dict
+from model import load_checkpoint
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
@@ -39,11 +39,9 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if not os.path.exists(ckpt_path):
     sys.exit(f"{prog}: no {ckpt_path}: train a model first (python train.py --out_dir={out_dir} ...)")
 try:
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    model = GPT(GPTConfig(**checkpoint['model_args']))
-    model.load_state_dict(clean_state_dict(checkpoint['model']))
-except (KeyError, TypeError, RuntimeError) as e:
-    sys.exit(f"{prog}: {ckpt_path} is not a checkpoint of this model.py ({str(e).strip().splitlines()[0]})")
+    model, checkpoint = load_checkpoint(ckpt_path)
+except ValueError as e:
+    sys.exit(f"{prog}: {e}")
 model.eval().to(device)
 block_size, alibi = model.config.block_size, model.config.alibi
 

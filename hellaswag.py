@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model import GPT, GPTConfig, clean_state_dict
+from model import GPT, load_checkpoint
 
 
 def download_hellaswag(path, url='https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'):
@@ -129,11 +129,9 @@ if __name__ == '__main__':  # (train.py imports the functions above)
         if not os.path.exists(ckpt_path):
             sys.exit(f"{prog}: no {ckpt_path}: train a model first (python train.py ...), or pass --init_from=gpt2")
         try:
-            checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-            model = GPT(GPTConfig(**checkpoint['model_args']))
-            model.load_state_dict(clean_state_dict(checkpoint['model']))
-        except (KeyError, TypeError, RuntimeError) as e:
-            sys.exit(f"{prog}: {ckpt_path} is not a checkpoint of this model.py ({str(e).strip().splitlines()[0]})")
+            model, checkpoint = load_checkpoint(ckpt_path)
+        except ValueError as e:
+            sys.exit(f"{prog}: {e}")
         name = out_dir
     else:
         try:

@@ -7,12 +7,11 @@ Hugging Face format:
 import os
 import sys
 from contextlib import nullcontext
-from dataclasses import fields
 
 import tiktoken
 import torch
 
-from model import GPT, GPTConfig, clean_state_dict, load_meta
+from model import GPT, load_checkpoint, load_meta
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a GPT-2 variant ('gpt2', ..., 'gpt2-xl'), or a local Hugging Face GPT-2 directory
@@ -70,18 +69,9 @@ if init_from == 'resume':
     if not os.path.isfile(ckpt_path):
         fail(f"no checkpoint {ckpt_path}: train a model first (python train.py ...), or pass --out_dir=<its directory>")
     try:
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-    except Exception as e:  # weights_only refuses anything but tensors and plain values
-        fail(f"cannot load {ckpt_path} safely ({str(e).splitlines()[0]}); only checkpoints of tensors and plain values load")
-    model_args = checkpoint.get('model_args', {})
-    unknown = set(model_args) - {f.name for f in fields(GPTConfig)}
-    if unknown:
-        fail(f"{ckpt_path} has model_args this model does not know: {sorted(unknown)}")
-    model = GPT(GPTConfig(**model_args))  # nanoGPT's checkpoints lack flash_attn and alibi: their defaults match
-    try:
-        model.load_state_dict(clean_state_dict(checkpoint['model']))
-    except (KeyError, RuntimeError) as e:
-        fail(f"{ckpt_path} does not hold the weights of its model_args ({str(e).splitlines()[0]})")
+        model, checkpoint = load_checkpoint(ckpt_path, device)
+    except ValueError as e:
+        fail(str(e))
     dataset = (checkpoint.get('config') or {}).get('dataset')
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     try:
