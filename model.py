@@ -32,76 +32,6 @@ class GPTConfig:
     alibi: bool = False
 
 
-def alibi_slopes(n_head):
-    """Per-head slopes of ALiBi: a geometric sequence starting at 2^(-8/n) (Press et al.)."""
-    def power_of_2_slopes(n):
-        start = 2 ** (-8 / n)
-        return [start ** (i + 1) for i in range(n)]
-    if math.log2(n_head).is_integer():
-        return torch.tensor(power_of_2_slopes(n_head))
-    # otherwise: the slopes of the closest smaller power of 2, then every other slope of the next one
-    closest = 2 ** math.floor(math.log2(n_head))
-    extra = power_of_2_slopes(2 * closest)[0::2][:n_head - closest]
-    return torch.tensor(power_of_2_slopes(closest) + extra)
-
-
-def fit_embedding_matrix(emb, n_embd, std=0.02, seed=1337):
-    """Map a [vocab, D] embedding matrix to width n_embd and rescale it to the model's init std.
-    When D != n_embd the map is a fixed Gaussian projection (seeded, so every run gets the same one),
-    scaled by 1/sqrt(D), which roughly preserves the angles between token vectors (Johnson-Lindenstrauss)."""
-    emb = emb.float()
-    if emb.size(1) != n_embd:
-        g = torch.Generator().manual_seed(seed)
-        emb = emb @ (torch.randn(emb.size(1), n_embd, generator=g) / math.sqrt(emb.size(1)))
-    emb = emb - emb.mean()
-    return emb * (std / emb.std())
-
-
-def clean_state_dict(state_dict):
-    """A state dict as our GPT names it: drops torch.compile's '_orig_mod.' prefix (checkpoints of
-    compiled models) and the causal-mask buffers that nanoGPT saves when it runs without flash."""
-    prefix = '_orig_mod.'
-    sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
-    return {k: v for k, v in sd.items() if not k.endswith('.attn.bias')}
-
-
-def load_checkpoint(ckpt_path, device='cpu'):
-    """The GPT saved in a ckpt.pt (ours or the original nanoGPT's) and the checkpoint dict. weights_only=True
-    refuses a checkpoint that holds anything but tensors and plain values. Raises ValueError saying what is wrong."""
-    try:
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-    except Exception as e:  # weights_only refuses anything but tensors and plain values; or a damaged file
-        raise ValueError(f"cannot load {ckpt_path} safely ({str(e).strip().splitlines()[0]}); "
-                         f"only checkpoints of tensors and plain values load") from None
-    try:
-        model = GPT(GPTConfig(**checkpoint['model_args']))  # nanoGPT's lack flash_attn and alibi: the defaults match
-        model.load_state_dict(clean_state_dict(checkpoint['model']))
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise ValueError(f"{ckpt_path} is not a checkpoint of this model.py ({str(e).strip().splitlines()[0]})") from None
-    return model, checkpoint
-
-
-class PlainUnpickler(pickle.Unpickler):
-    """Unpickles plain dicts, lists, tuples, strings and numbers only. Anything else in a pickle is a
-    reference to a class or function, which unpickling would call: a meta.pkl from the internet could run code."""
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
-
-
-def load_meta(path):
-    """A dataset's meta.pkl (nanoGPT's {'vocab_size', 'itos', 'stoi'}), read without running any code.
-    Raises ValueError when the file holds anything but plain values."""
-    try:
-        with open(path, 'rb') as f:
-            meta = PlainUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise ValueError(f"{path} is not a plain vocabulary pickle ({e}); refusing to load it: re-create it with "
-                         f"the dataset's prepare.py") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
-        raise ValueError(f"{path} has no 'vocab_size': re-create it with the dataset's prepare.py")
-    return meta
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -119,7 +49,7 @@ class CausalSelfAttention(nn.Module):
         self.block_size = config.block_size
 
     def forward(self, x, attn_bias=None, kv_cache=None, pos=0):
-        B, T, C = x.size()
+        B, T, C = x.size()  # batch size, sequence length, embedding width (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if kv_cache is not None:
@@ -134,11 +64,11 @@ class CausalSelfAttention(nn.Module):
                                                dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=attn_bias is None and T > 1)
         else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, Tk)
             att = F.softmax(att + attn_bias, dim=-1)
             att = self.attn_dropout(att)
-            y = att @ v
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+            y = att @ v  # (B, nh, T, Tk) x (B, nh, Tk, hs) -> (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -381,3 +311,76 @@ class GPT(nn.Module):
                 if done.all():
                     break
         return idx
+
+
+# -----------------------------------------------------------------------------
+# helpers: ALiBi slopes, pretrained embeddings, and safe loading of checkpoints and vocabularies
+
+def alibi_slopes(n_head):
+    """Per-head slopes of ALiBi: a geometric sequence starting at 2^(-8/n) (Press et al.)."""
+    def power_of_2_slopes(n):
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+    if math.log2(n_head).is_integer():
+        return torch.tensor(power_of_2_slopes(n_head))
+    # otherwise: the slopes of the closest smaller power of 2, then every other slope of the next one
+    closest = 2 ** math.floor(math.log2(n_head))
+    extra = power_of_2_slopes(2 * closest)[0::2][:n_head - closest]
+    return torch.tensor(power_of_2_slopes(closest) + extra)
+
+
+def fit_embedding_matrix(emb, n_embd, std=0.02, seed=1337):
+    """Map a [vocab, D] embedding matrix to width n_embd and rescale it to the model's init std.
+    When D != n_embd the map is a fixed Gaussian projection (seeded, so every run gets the same one),
+    scaled by 1/sqrt(D), which roughly preserves the angles between token vectors (Johnson-Lindenstrauss)."""
+    emb = emb.float()
+    if emb.size(1) != n_embd:
+        g = torch.Generator().manual_seed(seed)
+        emb = emb @ (torch.randn(emb.size(1), n_embd, generator=g) / math.sqrt(emb.size(1)))
+    emb = emb - emb.mean()
+    return emb * (std / emb.std())
+
+
+def clean_state_dict(state_dict):
+    """A state dict as our GPT names it: drops torch.compile's '_orig_mod.' prefix (checkpoints of
+    compiled models) and the causal-mask buffers that nanoGPT saves when it runs without flash."""
+    prefix = '_orig_mod.'
+    sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+    return {k: v for k, v in sd.items() if not k.endswith('.attn.bias')}
+
+
+def load_checkpoint(ckpt_path, device='cpu'):
+    """The GPT saved in a ckpt.pt (ours or the original nanoGPT's) and the checkpoint dict. weights_only=True
+    refuses a checkpoint that holds anything but tensors and plain values. Raises ValueError saying what is wrong."""
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain values; or a damaged file
+        raise ValueError(f"cannot load {ckpt_path} safely ({str(e).strip().splitlines()[0]}); "
+                         f"only checkpoints of tensors and plain values load") from None
+    try:
+        model = GPT(GPTConfig(**checkpoint['model_args']))  # nanoGPT's lack flash_attn and alibi: the defaults match
+        model.load_state_dict(clean_state_dict(checkpoint['model']))
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{ckpt_path} is not a checkpoint of this model.py ({str(e).strip().splitlines()[0]})") from None
+    return model, checkpoint
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain dicts, lists, tuples, strings and numbers only. Anything else in a pickle is a
+    reference to a class or function, which unpickling would call: a meta.pkl from the internet could run code."""
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+
+
+def load_meta(path):
+    """A dataset's meta.pkl (nanoGPT's {'vocab_size', 'itos', 'stoi'}), read without running any code.
+    Raises ValueError when the file holds anything but plain values."""
+    try:
+        with open(path, 'rb') as f:
+            meta = PlainUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{path} is not a plain vocabulary pickle ({e}); refusing to load it: re-create it with "
+                         f"the dataset's prepare.py") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
+        raise ValueError(f"{path} has no 'vocab_size': re-create it with the dataset's prepare.py")
+    return meta
