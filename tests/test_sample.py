@@ -71,7 +71,8 @@ def test_cached_sampling_draws_the_same_tokens(alibi):
 def test_matvec_layout_changes_storage_not_results():
     model = tiny_model()
     idx = torch.randint(0, 50, (2, 5))
-    before = model.generate(idx, 8, top_k=1)
+    before = model.generate(idx, 8, top_k=1)  # re-lays the weights for its call only (on CPU)
+    assert all(p.is_contiguous() for p in model.parameters())  # as training and its optimizer left them
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     model.use_matvec_layout()
     assert not model.transformer.h[0].mlp.c_fc.weight.is_contiguous()  # (128, 32): stored transposed
