@@ -276,18 +276,22 @@ if ddp:
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over eval_iters batches of each split, at eval_block_size. The windows are spread evenly
-    over the split, the same at every evaluation, so that evaluations compare and draw no randomness."""
+    over the split, the same at every evaluation, so that evaluations compare and draw no randomness.
+    Under DDP each process scores every ddp_world_size-th batch and the sums are added up: one process's figures."""
     out = {}
     model.eval()
     for split in ('train', 'val'):
         starts = np.linspace(0, split_tokens[split] - eval_block_size - 1, eval_iters * batch_size).astype(np.int64)
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
+        loss_sum = torch.zeros((), dtype=torch.float64)  # on the CPU: MPS has no float64
+        for k in range(ddp_rank, eval_iters, ddp_world_size):
             X, Y = get_batch(split, starts[k * batch_size:(k + 1) * batch_size], eval_block_size)
             with ctx:
                 logits, loss = model(X, Y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+            loss_sum += loss.item()
+        if ddp:
+            loss_sum = loss_sum.to(device)  # NCCL reduces GPU tensors only
+            torch.distributed.all_reduce(loss_sum)
+        out[split] = loss_sum.item() / eval_iters
     model.train()
     return out
 

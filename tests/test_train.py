@@ -39,14 +39,14 @@ def repo(tmp_path):
     return tmp_path
 
 
-def run(repo, *args, torchrun=False, python_code=None, check=True):
+def run(repo, *args, torchrun=False, python_code=None, check=True, script='train.py'):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     if torchrun:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py']
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', script]
     elif python_code:
         cmd = [sys.executable, '-c', python_code]
     else:
-        cmd = [sys.executable, 'train.py']
+        cmd = [sys.executable, script]
     result = subprocess.run(cmd + list(args), cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -118,11 +118,33 @@ def test_cpu_bfloat16_trains_as_well_as_float32(repo):
     assert bf16[-1] == pytest.approx(f32[-1], abs=0.05)
 
 
+COUNT_EVAL_BATCHES = """
+import os, runpy, model
+forward, evaluated = model.GPT.forward, [0]
+def counting_forward(self, *args, **kwargs):
+    evaluated[0] += not self.training
+    return forward(self, *args, **kwargs)
+model.GPT.forward = counting_forward
+try:
+    runpy.run_path('train.py', run_name='__main__')
+finally:
+    print(f"rank {os.environ.get('RANK', 0)} evaluated {evaluated[0]} batches")
+"""
+
+
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(repo):
-    args = [*TINY, '--gradient_accumulation_steps=4', '--max_iters=4', '--eval_interval=4']
-    ddp = run(repo, *args, '--out_dir=ddp', torchrun=True)
-    run(repo, *args, '--out_dir=single')
+    (repo / 'count_evals.py').write_text(COUNT_EVAL_BATCHES)  # train.py, counting the batches each process evaluates
+    args = [*TINY, '--gradient_accumulation_steps=4', '--max_iters=4', '--eval_interval=4', '--eval_iters=3']
+    ddp = run(repo, *args, '--out_dir=ddp', torchrun=True, script='count_evals.py')
+    single = run(repo, *args, '--out_dir=single', script='count_evals.py')
     assert ddp.stdout.count('step 4: train loss') == 1 and ddp.stdout.count('iter 3: loss') == 1
+    # 2 evaluations of 2 splits of 3 batches: one process scores all 12; two share them 8 + 4 (3 is odd)
+    assert 'rank 0 evaluated 12 batches' in single.stdout
+    assert 'rank 0 evaluated 8 batches' in ddp.stdout and 'rank 1 evaluated 4 batches' in ddp.stdout
+    (ddp_start, ddp_end), (single_start, single_end) = ([r for r in read_log(repo, d) if 'step' in r] for d in ('ddp', 'single'))
+    for split in ('train_loss', 'val_loss'):  # the same weights at step 0: the same figures up to float rounding
+        assert ddp_start[split] == pytest.approx(single_start[split], rel=1e-6)
+        assert ddp_end[split] == pytest.approx(single_end[split], abs=1e-4)
     assert sorted(os.listdir(repo / 'ddp')) == ['ckpt.pt', 'log.jsonl']
     assert sorted(iter_losses(read_log(repo, 'ddp'))) == [0, 1, 2, 3]  # one writer
     a, b = load_ckpt(repo / 'ddp' / 'ckpt.pt'), load_ckpt(repo / 'single' / 'ckpt.pt')
