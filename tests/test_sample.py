@@ -173,10 +173,10 @@ def char_workdir(workdir):
     return workdir, model
 
 
-def run_sample(cwd, *args):
+def run_sample(cwd, *args, timeout=120):
     env = dict(os.environ, OMP_NUM_THREADS='1')  # tiny models, and a CPU shared with other jobs
     return subprocess.run([sys.executable, 'sample.py', '--device=cpu', *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def samples(stdout):
@@ -207,6 +207,14 @@ def test_samples_a_character_model_in_one_batch(char_workdir):
     assert result.returncode == 0, result.stderr
     assert 'Loading meta from data/tinychars/meta.pkl' in result.stdout
     assert samples(result.stdout) == greedy_text(model, 'hello', 12, 3)
+
+
+def test_compiled_sampling_gives_the_same_tokens(char_workdir):
+    cwd, model = char_workdir
+    result = run_sample(cwd, '--out_dir=out', '--start=hello', '--top_k=1', '--num_samples=2', '--max_new_tokens=12',
+                        '--compile=True', timeout=600)  # compiling takes tens of seconds
+    assert result.returncode == 0, result.stderr
+    assert samples(result.stdout) == greedy_text(model, 'hello', 12, 2)
 
 
 def test_prompt_from_file_and_top_p(char_workdir):

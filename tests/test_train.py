@@ -153,6 +153,27 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(repo):
     assert a['best_val_loss'] == pytest.approx(b['best_val_loss'], abs=1e-4)
 
 
+@pytest.mark.parametrize('alibi', [False, True])
+def test_compiled_training_matches_eager(repo, alibi):
+    """compile=True, the default on GPUs: the losses and weights of eager mode, in one process and (learned
+    positions) under 2-process DDP. No dropout: compiled code draws its own masks."""
+    args = [*TINY, '--n_layer=1', '--dropout=0.0', '--max_iters=3', '--eval_interval=3', f'--alibi={alibi}']
+    run(repo, *args, '--out_dir=eager')
+    compiled = ['compiled'] + ([] if alibi else ['compiled_ddp'])
+    for out_dir in compiled:
+        result = run(repo, *args, '--compile=True', f'--out_dir={out_dir}', torchrun=out_dir.endswith('ddp'))
+        assert 'compiling the model' in result.stdout
+    eager, eager_weights = read_log(repo, 'eager'), load_ckpt(repo / 'eager' / 'ckpt.pt')['model']
+    for out_dir in compiled:
+        records = read_log(repo, out_dir)
+        if out_dir == 'compiled':  # under DDP the logged loss is the first process's share of the batch only
+            assert iter_losses(records) == pytest.approx(iter_losses(eager), rel=1e-4)
+        for evaluation, eager_evaluation in zip([r for r in records if 'step' in r], [r for r in eager if 'step' in r]):
+            assert evaluation == pytest.approx(eager_evaluation, rel=1e-4), out_dir
+        for k, v in load_ckpt(repo / out_dir / 'ckpt.pt')['model'].items():
+            torch.testing.assert_close(v, eager_weights[k], rtol=1e-4, atol=1e-5, msg=f'{out_dir} {k}')
+
+
 def test_ddp_rejects_accumulation_steps_that_do_not_divide(repo):
     result = run(repo, *TINY, '--gradient_accumulation_steps=3', torchrun=True, check=False)
     assert result.returncode != 0
