@@ -14,7 +14,7 @@ TINY = ['--device=cpu', '--compile=False', '--batch_size=2', '--n_layer=2', '--n
 
 @pytest.fixture
 def workdir(tmp_path):
-    for name in ('bench.py', 'model.py', 'configurator.py'):
+    for name in ('bench.py', 'model.py', 'configurator.py', 'runtime.py'):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     return tmp_path
 
@@ -28,7 +28,7 @@ def run_bench(cwd, *args):
 def test_train_step_on_random_data_reports_speed_and_mfu(workdir):
     result = run_bench(workdir, '--real_data=False')
     assert result.returncode == 0, result.stderr
-    assert 'MFU against' in result.stdout and 'CPU peak measured just now' in result.stdout
+    assert 'MFU against' in result.stdout and 'measured just now' in result.stdout
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith('time per iteration: ') and 'tokens/s' in last and 'MFU' in last
 

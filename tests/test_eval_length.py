@@ -34,7 +34,7 @@ def project(tmp_path_factory):
 
 
 def run(project, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'eval_length.py'), '--device=cpu', *args],
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'eval_length.py'), '--device=cpu', '--dtype=float32', *args],
                           capture_output=True, text=True, cwd=project)
 
 

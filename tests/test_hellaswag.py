@@ -137,7 +137,7 @@ def test_long_contexts_are_cropped_from_the_left_unless_alibi(alibi):
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, 'hellaswag.py', '--device=cpu', *args],
+    return subprocess.run([sys.executable, 'hellaswag.py', '--device=cpu', '--dtype=float32', *args],
                           capture_output=True, text=True, cwd=ROOT)
 
 
@@ -173,7 +173,7 @@ def train_repo(tmp_path, vocab_size=None):
     """A copy of the scripts with data/tiny: random tokens, of GPT-2's vocabulary unless a meta.pkl says otherwise."""
     import shutil
     import numpy as np
-    for name in ('train.py', 'model.py', 'configurator.py', 'hellaswag.py'):
+    for name in ('train.py', 'model.py', 'configurator.py', 'hellaswag.py', 'runtime.py'):
         shutil.copy(ROOT + '/' + name, tmp_path)
     data = tmp_path / 'data' / 'tiny'
     data.mkdir(parents=True)
