@@ -349,16 +349,18 @@ def clean_state_dict(state_dict):
     return {k: v for k, v in sd.items() if not k.endswith('.attn.bias')}
 
 
-def load_checkpoint(ckpt_path, device='cpu'):
+def load_checkpoint(ckpt_path, device='cpu', override_args=None):
     """The GPT saved in a ckpt.pt (ours or the original nanoGPT's) and the checkpoint dict. weights_only=True
-    refuses a checkpoint that holds anything but tensors and plain values. Raises ValueError saying what is wrong."""
+    refuses a checkpoint that holds anything but tensors and plain values. override_args: GPTConfig fields that
+    leave the weights' shapes alone (dropout, flash_attn) to take over the checkpoint's. Raises ValueError saying what is wrong."""
     try:
         checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain values; or a damaged file
         raise ValueError(f"cannot load {ckpt_path} safely ({str(e).strip().splitlines()[0]}); "
                          f"only checkpoints of tensors and plain values load") from None
     try:
-        model = GPT(GPTConfig(**checkpoint['model_args']))  # nanoGPT's lack flash_attn and alibi: the defaults match
+        model_args = {**checkpoint['model_args'], **(override_args or {})}
+        model = GPT(GPTConfig(**model_args))  # nanoGPT's lack flash_attn and alibi: the defaults match
         model.load_state_dict(clean_state_dict(checkpoint['model']))
     except (KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"{ckpt_path} is not a checkpoint of this model.py ({str(e).strip().splitlines()[0]})") from None

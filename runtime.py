@@ -135,10 +135,15 @@ def peak_flops(plan):
     GPU_PEAK_FLOPS; on a CPU or MPS, measured now. (None, why) for a GPU not in the table."""
     if plan['device_type'] == 'cuda':
         name = torch.cuda.get_device_name(plan['device'])
-        peak = next((flops for part, flops in GPU_PEAK_FLOPS if part in name), None)
+        peak = gpu_peak_flops(name)
         return (peak, f"{name}'s bf16/fp16 peak") if peak else (None, f"no known peak for {name}")
     dtype = plan['autocast'] or torch.float32
     return measured_peak_flops(plan['device'], dtype), f"measured just now: {str(dtype)[6:]} matmul"
+
+
+def gpu_peak_flops(name):
+    """The dense bf16/fp16 FLOP/s of the GPU named name (as torch.cuda.get_device_name gives it), or None."""
+    return next((flops for part, flops in GPU_PEAK_FLOPS if part in name), None)
 
 
 @lru_cache

@@ -21,6 +21,10 @@ TINY = ['--device=cpu', '--compile=False', '--dtype=float32', '--dataset=tiny', 
         '--warmup_iters=2', '--lr_decay_iters=40', '--dropout=0.1']
 
 
+SHAPE = ('--n_layer=', '--n_head=', '--n_embd=', '--block_size=', '--bias=')
+NANOGPT = os.path.join(os.path.dirname(ROOT), 'shared', 'reference', 'nanoGPT')  # the original's scripts, if here
+
+
 def write_bins(directory, train, val):
     os.makedirs(directory, exist_ok=True)
     np.asarray(train, dtype=np.uint16).tofile(os.path.join(directory, 'train.bin'))
@@ -100,7 +104,12 @@ def test_resume_reproduces_the_uninterrupted_run(repo):
     run(repo, *TINY, '--max_iters=12', '--eval_interval=6', '--out_dir=straight')
     run(repo, *TINY, '--max_iters=6', '--eval_interval=6', '--out_dir=stopped')
     assert load_ckpt(repo / 'stopped' / 'ckpt.pt')['iter_num'] == 6
-    run(repo, *TINY, '--max_iters=12', '--eval_interval=6', '--out_dir=stopped', '--init_from=resume')
+    # as nanoGPT, without the shape settings: the checkpoint's shape wins over the defaults, and says so
+    settings = [arg for arg in TINY if not arg.startswith(SHAPE)]
+    resumed = run(repo, *settings, '--max_iters=12', '--eval_interval=6', '--out_dir=stopped', '--init_from=resume')
+    assert ("resuming with the checkpoint's n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True "
+            "(the settings said 12, 12, 768, 1024, False)\n") in resumed.stdout
+    assert load_ckpt(repo / 'stopped' / 'ckpt.pt')['config']['n_layer'] == 2
     straight, resumed = read_log(repo, 'straight'), read_log(repo, 'stopped')
     assert iter_losses(resumed) == iter_losses(straight)  # dropout is on: its randomness must resume too
     assert [r for r in resumed if 'step' in r][-1] == [r for r in straight if 'step' in r][-1]
@@ -289,13 +298,41 @@ def test_cuda_device_without_a_gpu(repo, monkeypatch):
     assert '--device=cpu' in error_of(repo, monkeypatch, '--device=cuda')
 
 
-def test_resume_with_other_shapes_names_the_differences(repo, monkeypatch):
-    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB, dropout=0.1)
+@pytest.mark.skipif(not os.path.isdir(NANOGPT), reason=f'the original nanoGPT is not at {NANOGPT}')
+def test_resumes_a_checkpoint_written_by_the_original_nanogpt(repo, tmp_path):
+    original = tmp_path / 'nanogpt'  # the original's scripts beside our tiny data
+    original.mkdir()
+    for name in ('train.py', 'model.py', 'configurator.py'):
+        shutil.copy(os.path.join(NANOGPT, name), original)
+    shutil.copytree(repo / 'data', original / 'data')
+    run(original, '--device=cpu', '--compile=False', '--dtype=float32', '--dataset=tiny', '--out_dir=out', '--n_layer=2',
+        '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2',
+        '--eval_interval=4', '--max_iters=4', '--learning_rate=1e-2', '--warmup_iters=2', '--lr_decay_iters=40')
     os.makedirs(repo / 'out')
-    torch.save({'model': GPT(GPTConfig(**model_args)).state_dict(), 'model_args': model_args}, repo / 'out' / 'ckpt.pt')
-    message = error_of(repo, monkeypatch, '--init_from=resume', '--n_layer=3', '--n_embd=48')
-    assert 'out/ckpt.pt holds a model with n_layer=2, n_embd=32 but the settings ask for n_layer=3, n_embd=48' in message
-    assert '--n_layer=2 --n_embd=32' in message
+    shutil.copy(original / 'out' / 'ckpt.pt', repo / 'out' / 'ckpt.pt')  # iter 4, best_val_loss a tensor
+
+    # nanoGPT's own command: the checkpoint's shape (nanoGPT's default bias=False too) over our defaults
+    settings = [arg for arg in TINY if not arg.startswith(SHAPE)]
+    result = run(repo, *settings, '--max_iters=8', '--eval_interval=4', '--init_from=resume')
+    assert ("resuming with the checkpoint's n_layer=2, n_head=2, n_embd=32, block_size=16 "
+            "(the settings said 12, 12, 768, 1024)\n") in result.stdout
+    records = read_log(repo)
+    assert sorted(iter_losses(records)) == [4, 5, 6, 7]
+    assert [r['step'] for r in records if 'step' in r] == [4, 8]
+
+    # the weights nanoGPT saved give our model the logits they give nanoGPT's own
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('nanogpt_model', original / 'model.py')
+    nanogpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nanogpt)
+    ckpt = load_ckpt(original / 'out' / 'ckpt.pt')
+    theirs = nanogpt.GPT(nanogpt.GPTConfig(**ckpt['model_args'])).eval()
+    theirs.load_state_dict(ckpt['model'])
+    from model import load_checkpoint
+    ours = load_checkpoint(original / 'out' / 'ckpt.pt')[0].eval()
+    x = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, x)[0], theirs(x, x)[0], rtol=0, atol=1e-4)
 
 
 def test_block_size_larger_than_the_pretrained_model(repo, monkeypatch, hf_dir):
