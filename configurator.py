@@ -70,9 +70,7 @@ def _configure(settings):
             try:
                 builtins.exec(builtins.compile(source, arg, 'exec'), namespace)
             except SyntaxError as e:
-                fail(f"config file {arg} has a syntax error at line {e.lineno}: {e.msg}")
-            except ValueError as e:  # from compile: e.g. a null byte
-                fail(f"config file {arg} is not Python source ({e})")
+                fail(f"config file {arg} has a syntax error{f' at line {e.lineno}' if e.lineno else ''}: {e.msg}")
             except Exception as e:  # it ran and raised, e.g. a misspelt name (NameError) or 1 // 0
                 lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == arg]
                 fail(f"config file {arg} line {lines[-1] if lines else '?'}: {type(e).__name__}: {e}")
