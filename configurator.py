@@ -111,9 +111,9 @@ def check(name, ok, valid):
     import sys
     value = globals()[name]
     try:
-        valid_value = ok(value)
+        passed = ok(value)
     except (TypeError, ValueError, RuntimeError):  # RuntimeError: torch.device of a malformed string
-        valid_value = False
-    if not valid_value:
+        passed = False
+    if not passed:
         # under torchrun every process checks; the first one says why
         sys.exit(f"{os.path.basename(sys.argv[0])}: {name}={value!r} is not {valid}" if os.environ.get('RANK', '0') == '0' else 1)
