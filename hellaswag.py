@@ -115,6 +115,10 @@ if __name__ == '__main__':  # (train.py imports the functions above)
     device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32 (which --dtype=float32 forces)
     exec(open('configurator.py').read())
+    check('batch_size', lambda v: v >= 1, 'an integer >= 1')
+    check('limit', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: all items)')
+    check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
+    check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     # -----------------------------------------------------------------------------
     prog = 'hellaswag.py'
     try:

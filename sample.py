@@ -19,7 +19,7 @@ out_dir = 'out'  # ignored if init_from is not 'resume'
 start = "\n"  # or "<|endoftext|>" or etc. Or "FILE:prompt.txt" to read the prompt from a file
 num_samples = 10  # samples drawn together, in one batch
 max_new_tokens = 500  # tokens generated in each sample
-temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random
+temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 0 = greedy (always the most likely token)
 top_k = 200  # keep only the top_k most likely tokens (None: all)
 top_p = None  # nucleus sampling: keep the fewest tokens whose probability reaches top_p (None: all)
 seed = 1337
@@ -27,6 +27,13 @@ device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda',
 dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32; or one of those
 compile = False  # use PyTorch 2.0 to compile the model to be faster
 exec(open('configurator.py').read())  # overrides from command line or config file
+for k in ('num_samples', 'max_new_tokens'):
+    check(k, lambda v: v >= 1, 'an integer >= 1')
+check('temperature', lambda v: v >= 0, 'a number >= 0 (0: always the most likely token)')
+check('top_k', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: no limit)')
+check('top_p', lambda v: v is None or 0 < v <= 1, 'in (0, 1] (or None: no nucleus)')
+check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
+check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 # -----------------------------------------------------------------------------
 
 
@@ -48,8 +55,6 @@ def load_vocabulary(path, dataset):
     return stoi, itos
 
 
-if num_samples < 1 or max_new_tokens < 1 or not temperature > 0:
-    fail("num_samples and max_new_tokens must be at least 1 and temperature above 0")
 torch.manual_seed(seed)
 try:
     plan = runtime.setup(device, dtype)
