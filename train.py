@@ -117,6 +117,8 @@ if init_from == 'resume':  # as in nanoGPT, the checkpoint defines the model: it
         model, checkpoint = load_checkpoint(ckpt_path, override_args=dict(dropout=dropout, flash_attn=flash_attn))
     except ValueError as e:
         fail(str(e))
+    if missing := [k for k in ('optimizer', 'iter_num', 'best_val_loss') if k not in checkpoint]:
+        fail(f"{ckpt_path} has no {', '.join(missing)}: it holds a model but not a training run to resume; sample from it instead")
     shape = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'alibi')}
     overridden = {k: v for k, v in shape.items() if v != config[k]}
     if overridden and master_process:

@@ -331,7 +331,10 @@ def test_bad_data_files_get_a_one_line_error_naming_the_file(repo, monkeypatch, 
 def test_resume_on_a_dataset_of_another_vocabulary(repo, monkeypatch):
     model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB, dropout=0.1)
     os.makedirs(repo / 'out')
-    torch.save({'model': GPT(GPTConfig(**model_args)).state_dict(), 'model_args': model_args}, repo / 'out' / 'ckpt.pt')
+    model = GPT(GPTConfig(**model_args))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    torch.save({'model': model.state_dict(), 'model_args': model_args, 'optimizer': optimizer.state_dict(),
+                'iter_num': 0, 'best_val_loss': 1e9}, repo / 'out' / 'ckpt.pt')
     tokens = np.random.default_rng(0).integers(0, 2 * VOCAB, 1000)
     write_bins(repo / 'data' / 'wide', tokens, tokens[:200])
     with open(repo / 'data' / 'wide' / 'meta.pkl', 'wb') as f:
@@ -339,6 +342,13 @@ def test_resume_on_a_dataset_of_another_vocabulary(repo, monkeypatch):
     message = error_of(repo, monkeypatch, '--init_from=resume', '--dataset=wide')
     # refused as a shape that differs, or (when resuming takes the checkpoint's shape) at the first batch of ids past it
     assert f'vocab_size={VOCAB}' in message or f"data/wide/train.bin holds token id" in message, message
+
+
+def test_resume_refuses_a_checkpoint_of_weights_only(repo, monkeypatch):
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB, dropout=0.1)
+    os.makedirs(repo / 'out')
+    torch.save({'model': GPT(GPTConfig(**model_args)).state_dict(), 'model_args': model_args}, repo / 'out' / 'ckpt.pt')
+    assert 'out/ckpt.pt has no optimizer, iter_num, best_val_loss' in error_of(repo, monkeypatch, '--init_from=resume')
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
