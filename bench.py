@@ -4,7 +4,7 @@ mode='train': the training step (forward, backward, optimizer) on real or random
 tokens/s and MFU, or with profile=True a torch.profiler trace.
 mode='sample': generation tokens/s of GPT.generate with the KV cache, without it (nanoGPT's loop),
 and of Hugging Face's GPT2LMHeadModel.generate on a model of the same shape, in the same run:
-    python bench.py --mode=sample --device=cpu --compile=False --batch_size=1 --n_layer=6 --n_head=6 --n_embd=384 --bias=True --vocab_size=65
+    python bench.py --mode=sample --device=cpu --dtype=float32 --compile=False --batch_size=1 --n_layer=6 --n_head=6 --n_embd=384 --bias=True --vocab_size=65
 """
 import os
 import sys
