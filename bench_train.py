@@ -31,7 +31,8 @@ exec(open('configurator.py').read())
 # -----------------------------------------------------------------------------
 prog = 'bench_train.py'
 SHAPES = {
-    'quick': ('shakespeare_char', quick_iters, ['config/train_shakespeare_char.py', '--eval_iters=20', '--block_size=64',
+    'quick': ('shakespeare_char', quick_iters, ['config/train_shakespeare_char.py', '--eval_iters=20',
+                                                f'--eval_interval={min(250, quick_iters)}', '--block_size=64',
                                                 '--batch_size=12', '--n_layer=4', '--n_head=4', '--n_embd=128', '--dropout=0.0']),
     'char': ('shakespeare_char', char_iters, ['config/train_shakespeare_char.py', '--eval_iters=10', f'--eval_interval={char_iters}']),
     'gpt2': ('text', gpt2_iters, ['--dataset=text', '--eval_iters=10', f'--eval_interval={gpt2_iters}', '--block_size=128',
