@@ -28,6 +28,9 @@ gpt2_iters = 50
 repeats = 3  # runs of each kind, alternating; the median and spread over them are reported
 nanogpt_dir = ''  # a checkout of github.com/karpathy/nanoGPT, to time its train.py too
 exec(open('configurator.py').read())
+for name in ('quick_iters', 'char_iters', 'gpt2_iters'):
+    check(name, lambda v: v >= 6, 'an integer >= 6 (the first 5 iterations are not timed)')
+check('repeats', lambda v: v >= 1, 'an integer >= 1')
 # -----------------------------------------------------------------------------
 prog = 'bench_train.py'
 SHAPES = {

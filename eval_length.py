@@ -10,11 +10,11 @@ import json
 import math
 import os
 import sys
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
+import runtime
 from model import load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -23,17 +23,23 @@ lengths = ''  # comma-separated context lengths, e.g. '64,128,256'; default 0.5x
 num_tokens = 32768  # val tokens scored at every length (rounded down to a multiple of all the lengths)
 batch_tokens = 8192  # tokens per forward pass: batch_tokens // length windows
 dataset = ''  # default: the dataset the checkpoint was trained on
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'float32'  # or 'bfloat16' / 'float16' for autocast on CUDA
+device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32 (which --dtype=float32 forces)
 json_out = ''  # also write the results to this JSON file
 exec(open('configurator.py').read())
+for k in ('num_tokens', 'batch_tokens'):
+    check(k, lambda v: v >= 1, 'an integer >= 1')
+check('lengths', lambda v: not v or all(s.strip().isdigit() and int(s) > 0 for s in v.split(',')),
+      "a list of positive integers like '64,128,256' (or '': 0.5x, 1x, 2x, 4x block_size)")
+check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
+check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 # -----------------------------------------------------------------------------
 prog = 'eval_length.py'
-device_type = 'cuda' if 'cuda' in device else 'cpu'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
-if ptdtype is None:
-    sys.exit(f"{prog}: unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-ctx = nullcontext() if device_type == 'cpu' or ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+try:
+    plan = runtime.setup(device, dtype)
+except ValueError as e:
+    sys.exit(f"{prog}: {e}")
+device, ctx = plan['device'], plan['ctx']
 
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if not os.path.exists(ckpt_path):
@@ -49,11 +55,12 @@ dataset = dataset or checkpoint.get('config', {}).get('dataset', '')
 val_path = os.path.join('data', dataset, 'val.bin')
 if not dataset or not os.path.exists(val_path):
     sys.exit(f"{prog}: no {val_path}: run python data/{dataset or '<dataset>'}/prepare.py first, or pass --dataset=")
-data = np.memmap(val_path, dtype=np.uint16, mode='r')
+if os.path.getsize(val_path) % 2:
+    sys.exit(f"{prog}: {val_path} has an odd number of bytes, not whole uint16 tokens (cut short?): "
+             f"re-create it with python data/{dataset}/prepare.py")
+data = np.memmap(val_path, dtype=np.uint16, mode='r') if os.path.getsize(val_path) else np.zeros(0, np.uint16)
 
 if lengths:
-    if not all(s.strip().isdigit() and int(s) > 0 for s in lengths.split(',')):
-        sys.exit(f"{prog}: lengths={lengths!r} is not a list of positive integers like '64,128,256'")
     context_lengths = [int(s) for s in lengths.split(',')]
 else:
     context_lengths = [block_size // 2, block_size, 2 * block_size, 4 * block_size]
@@ -66,6 +73,9 @@ if n == 0:
     sys.exit(f"{prog}: num_tokens={num_tokens} is less than {math.lcm(*fits)}, the least multiple of the lengths {fits}")
 x_all = torch.from_numpy(data[:n].astype(np.int64))
 y_all = torch.from_numpy(data[1:n + 1].astype(np.int64))
+if y_all.max() >= model.config.vocab_size or x_all.max() >= model.config.vocab_size:
+    sys.exit(f"{prog}: {val_path} holds token id {max(x_all.max(), y_all.max()).item()}, past the model's vocab_size "
+             f"{model.config.vocab_size}: it is not the data this model was trained on; pass its --dataset=")
 
 results = []
 for L in context_lengths:

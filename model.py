@@ -262,27 +262,28 @@ class GPT(nn.Module):
         ]
         print(f"num decayed parameter tensors: {len(decay_params)}, with {sum(p.numel() for p in decay_params):,} parameters")
         print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {sum(p.numel() for p in nodecay_params):,} parameters")
-        use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
+        use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'mps', 'cpu')
         optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **({'fused': True} if use_fused else {}))
         print(f"using fused AdamW: {use_fused}")
         return optimizer
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, flops_promised=312e12):
-        """Model FLOPs utilization: achieved FLOP/s over flops_promised (default: A100 bf16 peak).
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+        """Model FLOPs utilization: achieved FLOP/s over the device's peak_flops (runtime.peak_flops).
         FLOPs per token as in the PaLM paper, appendix B: 6N + 12 L H Q T."""
         N = self.get_num_params()
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         flops_per_token = 6 * N + 12 * L * H * Q * T
         flops_per_iter = flops_per_token * T * fwdbwd_per_iter
-        return flops_per_iter / dt / flops_promised
+        return flops_per_iter / dt / peak_flops
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None, use_cache=True):
         """Sample max_new_tokens after idx (B, T). With use_cache the prompt runs once and then one
         position per step, reusing keys and values; past block_size the context is cropped to the
         last block_size tokens and recomputed each step, as nanoGPT does, so both give the same
-        tokens. Stops early once every row has produced stop_token."""
+        tokens. temperature=0 takes the most likely token at every step (greedy). Stops early once
+        every row has produced stop_token."""
         block_size = self.config.block_size
         kv_cache = [[] for _ in self.transformer.h]
         cache_len = 0  # positions currently held in kv_cache
@@ -297,17 +298,19 @@ class GPT(nn.Module):
             else:
                 logits, _ = self(idx[:, cache_len:], kv_cache=kv_cache, pos=cache_len)
                 cache_len = T
-            logits = logits[:, -1, :].float() / temperature  # sampling in float32 whatever the model's dtype
+            logits = logits[:, -1, :].float() / (temperature or 1.0)  # in float32 whatever the model's dtype
             if top_k is not None and top_k < logits.size(-1):
                 v, _ = torch.topk(logits, top_k)
                 logits[logits < v[:, [-1]]] = -float('Inf')
             if top_p is not None:  # nucleus: the smallest set of tokens whose probability reaches top_p
                 sorted_logits, sorted_idx = torch.sort(logits, descending=True)
                 cum_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
-                drop = cum_probs - F.softmax(sorted_logits, dim=-1) >= top_p  # always keeps the top token
+                drop = cum_probs - F.softmax(sorted_logits, dim=-1) >= top_p
+                drop[:, 0] = False  # the most likely token stays, whatever top_p
                 logits[drop.scatter(1, sorted_idx, drop)] = -float('Inf')
             probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1)
+            # temperature 0: greedy, the most likely token (top_k and top_p always keep it)
+            idx_next = torch.multinomial(probs, num_samples=1) if temperature > 0 else logits.argmax(-1, keepdim=True)
             idx = torch.cat((idx, idx_next), dim=1)
             if stop_token is not None:
                 done |= idx_next.squeeze(1) == stop_token
@@ -408,16 +411,18 @@ def clean_state_dict(state_dict):
     return {k: v for k, v in sd.items() if not k.endswith('.attn.bias')}
 
 
-def load_checkpoint(ckpt_path, device='cpu'):
+def load_checkpoint(ckpt_path, device='cpu', override_args=None):
     """The GPT saved in a ckpt.pt (ours or the original nanoGPT's) and the checkpoint dict. weights_only=True
-    refuses a checkpoint that holds anything but tensors and plain values. Raises ValueError saying what is wrong."""
+    refuses a checkpoint that holds anything but tensors and plain values. override_args: GPTConfig fields that
+    leave the weights' shapes alone (dropout, flash_attn) to take over the checkpoint's. Raises ValueError saying what is wrong."""
     try:
         checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain values; or a damaged file
         raise ValueError(f"cannot load {ckpt_path} safely ({str(e).strip().splitlines()[0]}); "
                          f"only checkpoints of tensors and plain values load") from None
     try:
-        model = GPT(GPTConfig(**checkpoint['model_args']))  # nanoGPT's lack flash_attn and alibi: the defaults match
+        model_args = {**checkpoint['model_args'], **(override_args or {})}
+        model = GPT(GPTConfig(**model_args))  # nanoGPT's lack flash_attn and alibi: the defaults match
         model.load_state_dict(clean_state_dict(checkpoint['model']))
     except (KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"{ckpt_path} is not a checkpoint of this model.py ({str(e).strip().splitlines()[0]})") from None

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, exit_message
 from hellaswag import evaluate_hellaswag, load_hellaswag, score_examples
 from model import GPT, GPTConfig
 
@@ -137,7 +137,7 @@ def test_long_contexts_are_cropped_from_the_left_unless_alibi(alibi):
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, 'hellaswag.py', '--device=cpu', *args],
+    return subprocess.run([sys.executable, 'hellaswag.py', '--device=cpu', '--dtype=float32', *args],
                           capture_output=True, text=True, cwd=ROOT)
 
 
@@ -169,11 +169,23 @@ def test_script_refuses_a_character_level_model(items_file, tmp_path):
     assert 'vocabulary of 65 tokens' in proc.stderr and 'GPT-2' in proc.stderr
 
 
+@pytest.mark.parametrize('args, fragment', [
+    (['--batch_size=0'], 'batch_size=0 is not an integer >= 1'),
+    (['--limit=0'], 'limit=0 is not an integer >= 1 (or None: all items)'),
+    (['--dtype=bf16'], "dtype='bf16' is not one of 'auto', 'float32', 'bfloat16', 'float16'"),
+    (['--device=GPU'], "device='GPU' is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+])
+def test_script_bad_settings_get_a_one_line_error(tmp_path, monkeypatch, args, fragment):
+    import shutil
+    shutil.copy(os.path.join(ROOT, 'configurator.py'), tmp_path)
+    assert fragment in exit_message(monkeypatch, tmp_path, os.path.join(ROOT, 'hellaswag.py'), '--device=cpu', *args)
+
+
 def train_repo(tmp_path, vocab_size=None):
     """A copy of the scripts with data/tiny: random tokens, of GPT-2's vocabulary unless a meta.pkl says otherwise."""
     import shutil
     import numpy as np
-    for name in ('train.py', 'model.py', 'configurator.py', 'hellaswag.py'):
+    for name in ('train.py', 'model.py', 'configurator.py', 'hellaswag.py', 'runtime.py'):
         shutil.copy(ROOT + '/' + name, tmp_path)
     data = tmp_path / 'data' / 'tiny'
     data.mkdir(parents=True)
