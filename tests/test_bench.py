@@ -86,7 +86,7 @@ print("step 8: train loss 3.0000, val loss 3.5000")
 def test_bench_train_compares_ours_speed_ups_off_and_nanogpt(tmp_path):
     """One quick-start run of each kind at a few iterations (a tiny stand-in for nanoGPT's train.py, which
     prints iter and step lines as it does): the summary names the CPU, each kind's median and the ratios."""
-    for name in ('bench_train.py', 'train.py', 'model.py', 'configurator.py'):
+    for name in ('bench_train.py', 'train.py', 'model.py', 'runtime.py', 'configurator.py'):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     shutil.copytree(os.path.join(ROOT, 'config'), tmp_path / 'config')
     os.makedirs(tmp_path / 'data' / 'shakespeare_char')
