@@ -38,8 +38,8 @@ def full_state_dicts(model, optimizer):
     # torch.distributed keys the optimizer's state by parameter name; a plain AdamW numbers it
     number = {name: i for i, name in enumerate(optimizer_parameter_names(model, optimizer))}
     return model_state, {'state': {number[n]: s for n, s in optimizer_state['state'].items()},
-                         'param_groups': [{**g, 'params': [number[n] for n in g['params']]}
-                                          for g in optimizer_state['param_groups']]}
+                         'param_groups': [{**g, 'betas': tuple(g['betas']), 'params': [number[n] for n in g['params']]}
+                                          for g in optimizer_state['param_groups']]}  # betas: a list after torch.distributed
 
 
 def load_full_optimizer_state(model, optimizer, state_dict):
