@@ -75,7 +75,7 @@ runs = [('gpt2', 'config/train_gpt2.py', 24, dict(n_layer=12, n_head=12, n_embd=
 
 if __name__ == '__main__':
     print("GiB per GPU, bfloat16; activations for one micro-batch (gradient accumulation adds none)")
-    print("| model (config) | batch x block | GPUs | weights | gradients | AdamW | buffers | activations | total | "
+    print("| model (config) | batch x block | run on | weights | gradients | AdamW | buffers | activations | total | "
           "activations, checkpointed | total, checkpointed |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, config_file, batch_size, args in runs:
@@ -90,4 +90,4 @@ if __name__ == '__main__':
             states = [4 * N / shard, 4 * N / shard, 8 * N / shard, buffers]
             row = [*states, activations, sum(states) + activations, activations_checkpointed, sum(states) + activations_checkpointed]
             print(f"| {name} {N / 1e6:.0f}M ({config_file.split('/')[-1]}) | {batch_size} x {config.block_size} | "
-                  f"{strategy} {G} | " + " | ".join(f"{b / GiB:.1f}" for b in row) + " |")
+                  f"{strategy if G == 1 else f'{strategy}, {G} GPUs'} | " + " | ".join(f"{b / GiB:.1f}" for b in row) + " |")
