@@ -38,10 +38,15 @@ max_new_tokens = 500  # sample mode: tokens generated after a one-token prompt
 top_k = 200  # sample mode
 sample_rounds = 3  # sample mode: cached and Hugging Face runs, alternating (the uncached loop runs once)
 exec(open('configurator.py').read())  # overrides from command line or config file
+for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size', 'max_new_tokens', 'sample_rounds'):
+    check(k, lambda v: v >= 1, 'an integer >= 1')
+check('n_embd', lambda v: v % n_head == 0, f'a multiple of n_head={n_head}')
+check('top_k', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: no limit)')
+check('mode', lambda v: v in ('train', 'sample'), "'train' or 'sample'")
+check('dtype', lambda v: v in ('float32', 'bfloat16', 'float16'), "one of 'float32', 'bfloat16', 'float16'")
+check('device', lambda v: torch.device(v).type in ('cpu', 'cuda', 'mps'), "'cpu', 'cuda', 'cuda:N' or 'mps'")
 # -----------------------------------------------------------------------------
 
-if mode not in ('train', 'sample'):
-    sys.exit(f"bench.py: mode must be 'train' or 'sample', not '{mode}'")
 if device.startswith('cuda') and not torch.cuda.is_available():
     sys.exit(f"bench.py: device '{device}' is not available on this machine: pass --device=cpu")
 if dtype not in ('float32', 'bfloat16', 'float16'):
@@ -114,14 +119,20 @@ if real_data:
     data_path = os.path.join('data', dataset, 'train.bin')
     if not os.path.exists(data_path):
         sys.exit(f"bench.py: no {data_path}: run python data/{dataset}/prepare.py first, or pass --real_data=False")
+    if os.path.getsize(data_path) % 2:
+        sys.exit(f"bench.py: {data_path} has an odd number of bytes, not whole uint16 tokens (cut short?): "
+                 f"re-create it with python data/{dataset}/prepare.py")
+    if os.path.getsize(data_path) // 2 <= block_size:
+        sys.exit(f"bench.py: {data_path} has {os.path.getsize(data_path) // 2} tokens, too few for block_size {block_size}")
     train_data = np.memmap(data_path, dtype=np.uint16, mode='r')
-    if len(train_data) <= block_size:
-        sys.exit(f"bench.py: {data_path} has {len(train_data)} tokens, too few for block_size {block_size}")
 
     def get_batch():
         ix = torch.randint(len(train_data) - block_size, (batch_size,))
         x = torch.stack([torch.from_numpy(train_data[i:i + block_size].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(train_data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+        if max(x.max(), y.max()) >= vocab_size:  # microseconds, as in train.py
+            sys.exit(f"bench.py: {data_path} holds token id {max(x.max(), y.max()).item()}, past vocab_size {vocab_size}: "
+                     f"pass the dataset's --vocab_size")
         if device_type == 'cuda':
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)

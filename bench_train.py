@@ -20,6 +20,8 @@ max_iters = 2000
 repeats = 1  # runs of each kind, alternating; on a shared machine more repeats give steadier medians
 compile = False  # also time the default run with --compile=True
 exec(open('configurator.py').read())
+check('max_iters', lambda v: v >= 6, 'an integer >= 6 (the first 5 iterations are not timed)')
+check('repeats', lambda v: v >= 1, 'an integer >= 1')
 # -----------------------------------------------------------------------------
 prog = 'bench_train.py'
 if not os.path.exists(os.path.join('data', 'shakespeare_char', 'train.bin')):

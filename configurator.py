@@ -6,7 +6,8 @@ after defining its settings as plain globals; then, for example,
 runs config/train_shakespeare_char.py as Python and then sets batch_size and compile.
 --key=value overrides a known global (one whose value is a bool, int, float, str or None), the
 value read with ast.literal_eval (a plain string when that fails). An unknown key, a value of the
-wrong type or a malformed argument stops the program with a one-line error. --help lists the settings.
+wrong type, a malformed argument or a config file that fails (the error and its line) stops the program
+with a one-line error. --help lists the settings. check() is for each script's checks of the values.
 """
 
 
@@ -16,6 +17,7 @@ def _configure(settings):
     import difflib
     import os
     import sys
+    import traceback
     import types
 
     prog = os.path.basename(sys.argv[0])
@@ -59,13 +61,19 @@ def _configure(settings):
                      f"or --key=value)")
             namespace = dict(known)
             print(f"Overriding config with {arg}:")
-            with open(arg) as f:
-                source = f.read()
+            try:
+                with open(arg, encoding='utf-8') as f:
+                    source = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                fail(f"cannot read config file {arg} ({e}): it should be a Python file of settings")
             print(source)
             try:
                 builtins.exec(builtins.compile(source, arg, 'exec'), namespace)
             except SyntaxError as e:
-                fail(f"config file {arg} has a syntax error at line {e.lineno}: {e.msg}")
+                fail(f"config file {arg} has a syntax error{f' at line {e.lineno}' if e.lineno else ''}: {e.msg}")
+            except Exception as e:  # it ran and raised, e.g. a misspelt name (NameError) or 1 // 0
+                lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == arg]
+                fail(f"config file {arg} line {lines[-1] if lines else '?'}: {type(e).__name__}: {e}")
             for key, value in namespace.items():
                 if key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
                     continue
@@ -92,3 +100,20 @@ def _configure(settings):
 
 _configure(globals())
 del _configure
+
+
+def check(name, ok, valid):
+    """For the scripts' checks of their settings, before any work: unless ok(value) holds, stop with a
+    one-line error naming the setting, its value and what would be valid, e.g.
+        check('batch_size', lambda v: v >= 1, 'an integer >= 1')  ->  train.py: batch_size=0 is not an integer >= 1
+    A value ok cannot even compare (None where a number belongs) is not valid either."""
+    import os
+    import sys
+    value = globals()[name]
+    try:
+        passed = ok(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: torch.device of a malformed string
+        passed = False
+    if not passed:
+        # under torchrun every process checks; the first one says why
+        sys.exit(f"{os.path.basename(sys.argv[0])}: {name}={value!r} is not {valid}" if os.environ.get('RANK', '0') == '0' else 1)

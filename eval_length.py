@@ -27,6 +27,12 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'float32'  # or 'bfloat16' / 'float16' for autocast on CUDA
 json_out = ''  # also write the results to this JSON file
 exec(open('configurator.py').read())
+for k in ('num_tokens', 'batch_tokens'):
+    check(k, lambda v: v >= 1, 'an integer >= 1')
+check('lengths', lambda v: not v or all(s.strip().isdigit() and int(s) > 0 for s in v.split(',')),
+      "a list of positive integers like '64,128,256' (or '': 0.5x, 1x, 2x, 4x block_size)")
+check('dtype', lambda v: v in ('float32', 'bfloat16', 'float16'), "one of 'float32', 'bfloat16', 'float16'")
+check('device', lambda v: torch.device(v).type in ('cpu', 'cuda', 'mps'), "'cpu', 'cuda', 'cuda:N' or 'mps'")
 # -----------------------------------------------------------------------------
 prog = 'eval_length.py'
 device_type = 'cuda' if 'cuda' in device else 'cpu'
@@ -49,11 +55,12 @@ dataset = dataset or checkpoint.get('config', {}).get('dataset', '')
 val_path = os.path.join('data', dataset, 'val.bin')
 if not dataset or not os.path.exists(val_path):
     sys.exit(f"{prog}: no {val_path}: run python data/{dataset or '<dataset>'}/prepare.py first, or pass --dataset=")
-data = np.memmap(val_path, dtype=np.uint16, mode='r')
+if os.path.getsize(val_path) % 2:
+    sys.exit(f"{prog}: {val_path} has an odd number of bytes, not whole uint16 tokens (cut short?): "
+             f"re-create it with python data/{dataset}/prepare.py")
+data = np.memmap(val_path, dtype=np.uint16, mode='r') if os.path.getsize(val_path) else np.zeros(0, np.uint16)
 
 if lengths:
-    if not all(s.strip().isdigit() and int(s) > 0 for s in lengths.split(',')):
-        sys.exit(f"{prog}: lengths={lengths!r} is not a list of positive integers like '64,128,256'")
     context_lengths = [int(s) for s in lengths.split(',')]
 else:
     context_lengths = [block_size // 2, block_size, 2 * block_size, 4 * block_size]
@@ -66,6 +73,9 @@ if n == 0:
     sys.exit(f"{prog}: num_tokens={num_tokens} is less than {math.lcm(*fits)}, the least multiple of the lengths {fits}")
 x_all = torch.from_numpy(data[:n].astype(np.int64))
 y_all = torch.from_numpy(data[1:n + 1].astype(np.int64))
+if y_all.max() >= model.config.vocab_size or x_all.max() >= model.config.vocab_size:
+    sys.exit(f"{prog}: {val_path} holds token id {max(x_all.max(), y_all.max()).item()}, past the model's vocab_size "
+             f"{model.config.vocab_size}: it is not the data this model was trained on; pass its --dataset=")
 
 results = []
 for L in context_lengths:

@@ -114,6 +114,10 @@ if __name__ == '__main__':  # (train.py imports the functions above)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     dtype = 'float32'  # or 'bfloat16' / 'float16' for autocast on CUDA (faster, slightly different figures)
     exec(open('configurator.py').read())
+    check('batch_size', lambda v: v >= 1, 'an integer >= 1')
+    check('limit', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: all items)')
+    check('dtype', lambda v: v in ('float32', 'bfloat16', 'float16'), "one of 'float32', 'bfloat16', 'float16'")
+    check('device', lambda v: torch.device(v).type in ('cpu', 'cuda', 'mps'), "'cpu', 'cuda', 'cuda:N' or 'mps'")
     # -----------------------------------------------------------------------------
     prog = 'hellaswag.py'
     device_type = 'cuda' if 'cuda' in device else 'cpu'

@@ -279,7 +279,8 @@ class GPT(nn.Module):
         """Sample max_new_tokens after idx (B, T). With use_cache the prompt runs once and then one
         position per step, reusing keys and values; past block_size the context is cropped to the
         last block_size tokens and recomputed each step, as nanoGPT does, so both give the same
-        tokens. Stops early once every row has produced stop_token."""
+        tokens. temperature=0 takes the most likely token at every step (greedy). Stops early once
+        every row has produced stop_token."""
         block_size = self.config.block_size
         kv_cache = [[] for _ in self.transformer.h]
         cache_len = 0  # positions currently held in kv_cache
@@ -294,17 +295,19 @@ class GPT(nn.Module):
             else:
                 logits, _ = self(idx[:, cache_len:], kv_cache=kv_cache, pos=cache_len)
                 cache_len = T
-            logits = logits[:, -1, :].float() / temperature  # sampling in float32 whatever the model's dtype
+            logits = logits[:, -1, :].float() / (temperature or 1.0)  # in float32 whatever the model's dtype
             if top_k is not None and top_k < logits.size(-1):
                 v, _ = torch.topk(logits, top_k)
                 logits[logits < v[:, [-1]]] = -float('Inf')
             if top_p is not None:  # nucleus: the smallest set of tokens whose probability reaches top_p
                 sorted_logits, sorted_idx = torch.sort(logits, descending=True)
                 cum_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
-                drop = cum_probs - F.softmax(sorted_logits, dim=-1) >= top_p  # always keeps the top token
+                drop = cum_probs - F.softmax(sorted_logits, dim=-1) >= top_p
+                drop[:, 0] = False  # the most likely token stays, whatever top_p
                 logits[drop.scatter(1, sorted_idx, drop)] = -float('Inf')
             probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1)
+            # temperature 0: greedy, the most likely token (top_k and top_p always keep it)
+            idx_next = torch.multinomial(probs, num_samples=1) if temperature > 0 else logits.argmax(-1, keepdim=True)
             idx = torch.cat((idx, idx_next), dim=1)
             if stop_token is not None:
                 done |= idx_next.squeeze(1) == stop_token

@@ -15,6 +15,9 @@ out = 'assets/loss.png'
 smooth = 0.9  # exponential moving average of the per-iteration train loss (0: raw)
 title = ''
 exec(open('configurator.py').read())
+check('smooth', lambda v: 0 <= v < 1, 'in [0, 1) (0: no smoothing)')
+check('out_dirs', lambda v: all(v.split(',')), "a comma-separated list of out_dirs, e.g. 'out-a,out-b'")
+check('out', lambda v: v and not os.path.isdir(v), "a file name for the PNG, e.g. 'assets/loss.png'")
 # -----------------------------------------------------------------------------
 prog = 'plot.py'
 try:

@@ -19,7 +19,7 @@ out_dir = 'out'  # ignored if init_from is not 'resume'
 start = "\n"  # or "<|endoftext|>" or etc. Or "FILE:prompt.txt" to read the prompt from a file
 num_samples = 10  # samples drawn together, in one batch
 max_new_tokens = 500  # tokens generated in each sample
-temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random
+temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 0 = greedy (always the most likely token)
 top_k = 200  # keep only the top_k most likely tokens (None: all)
 top_p = None  # nucleus sampling: keep the fewest tokens whose probability reaches top_p (None: all)
 seed = 1337
@@ -27,6 +27,13 @@ device = 'cuda'  # 'cpu', 'cuda', 'cuda:0', 'mps', ...
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'  # 'float32', 'bfloat16', or 'float16'
 compile = False  # use PyTorch 2.0 to compile the model to be faster
 exec(open('configurator.py').read())  # overrides from command line or config file
+for k in ('num_samples', 'max_new_tokens'):
+    check(k, lambda v: v >= 1, 'an integer >= 1')
+check('temperature', lambda v: v >= 0, 'a number >= 0 (0: always the most likely token)')
+check('top_k', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: no limit)')
+check('top_p', lambda v: v is None or 0 < v <= 1, 'in (0, 1] (or None: no nucleus)')
+check('dtype', lambda v: v in ('float32', 'bfloat16', 'float16'), "one of 'float32', 'bfloat16', 'float16'")
+check('device', lambda v: torch.device(v).type in ('cpu', 'cuda', 'mps'), "'cpu', 'cuda', 'cuda:N' or 'mps'")
 # -----------------------------------------------------------------------------
 
 
@@ -52,8 +59,6 @@ if device.startswith('cuda') and not torch.cuda.is_available():
     fail(f"device '{device}' is not available on this machine: pass --device=cpu")
 if dtype not in ('float32', 'bfloat16', 'float16'):
     fail(f"dtype must be 'float32', 'bfloat16' or 'float16', not '{dtype}'")
-if num_samples < 1 or max_new_tokens < 1 or not temperature > 0:
-    fail("num_samples and max_new_tokens must be at least 1 and temperature above 0")
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul

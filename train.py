@@ -80,6 +80,20 @@ compile = True  # torch.compile the model: slower start, faster steps
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
 exec(open('configurator.py').read())  # overrides from the command line or a config file
 config = {k: globals()[k] for k in config_keys}  # saved in checkpoints and given to wandb
+# the values, before any work: a mistyped one stops here with a one-line error (configurator's check)
+for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'gradient_accumulation_steps', 'eval_iters',
+          'eval_interval', 'log_interval'):
+    check(k, lambda v: v >= 1, 'an integer >= 1')
+for k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'hellaswag_interval', 'seed', 'learning_rate', 'weight_decay',
+          'grad_clip'):
+    check(k, lambda v: v >= 0, 'a number >= 0')
+check('n_embd', lambda v: v % n_head == 0, f'a multiple of n_head={n_head}')
+check('min_lr', lambda v: not decay_lr or 0 <= v <= learning_rate, f'in [0, learning_rate={learning_rate}] (or decay_lr=False)')
+for k in ('dropout', 'beta1', 'beta2'):
+    check(k, lambda v: 0 <= v < 1, 'in [0, 1)')
+check('dtype', lambda v: v in ('float32', 'bfloat16', 'float16'), "one of 'float32', 'bfloat16', 'float16'")
+check('device', lambda v: torch.device(v).type in ('cpu', 'cuda', 'mps'), "'cpu', 'cuda', 'cuda:N' or 'mps'")
+check('out_dir', lambda v: v, 'a directory name')
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun?
@@ -137,7 +151,9 @@ for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.exists(path):
         fail(f"no {path}: run python {os.path.join(data_dir, 'prepare.py')} first")
-    split_tokens[split] = len(np.memmap(path, dtype=np.uint16, mode='r'))
+    if os.path.getsize(path) % 2:
+        fail(f"{path} has an odd number of bytes, not whole uint16 tokens (cut short?): re-create it with python {data_dir}/prepare.py")
+    split_tokens[split] = os.path.getsize(path) // 2
     if split_tokens[split] <= max(block_size, eval_block_size):
         fail(f"{path} has only {split_tokens[split]} tokens, too few for windows of "
              f"{max(block_size, eval_block_size) + 1}: use a smaller block_size or more data")
@@ -149,6 +165,9 @@ def get_batch(split, starts, T):
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     x = torch.from_numpy(np.stack([data[i:i + T] for i in starts]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T] for i in starts]).astype(np.int64))
+    if (top := max(x.max(), y.max()).item()) >= model_args['vocab_size']:  # every batch: microseconds (README, Data)
+        sys.exit(f"train.py: {data_dir}/{split}.bin holds token id {top}, past the model's vocab_size {model_args['vocab_size']}: "
+                 f"the data and the vocabulary (meta.pkl, or the checkpoint's) do not match; re-create it with its prepare.py")
     if device_type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)

@@ -10,3 +10,27 @@ if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(os.path.join(SHARED,
 os.environ.setdefault('WANDB_MODE', 'disabled')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+
+
+def files_under(directory):
+    return {os.path.join(d, f) for d, _, names in os.walk(directory) for f in names if '__pycache__' not in d}
+
+
+def exit_message(monkeypatch, cwd, script, *args):
+    """The exit message of `python script *args` run from cwd, run inside this process: for errors found
+    before any work there is no interpreter start-up or torch import to pay for. sys.exit with a message is
+    what gives exit status 1 and that one line on stderr. Asserts the message is one line starting with the
+    script's name, and that the run wrote no file under cwd (out_dir included)."""
+    import runpy
+    import pytest
+    before = files_under(cwd)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, 'argv', [script, *args])
+    monkeypatch.setattr(sys, 'path', list(sys.path))  # the data scripts add to it
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(script, run_name='__main__')
+    message = exit_info.value.code
+    assert isinstance(message, str) and '\n' not in message, message
+    assert message.startswith(f'{os.path.basename(script)}: ') or message.startswith(f'{script}: '), message
+    assert files_under(cwd) == before
+    return message

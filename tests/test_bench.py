@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import exit_message
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--device=cpu', '--compile=False', '--batch_size=2', '--n_layer=2', '--n_head=2', '--n_embd=32',
         '--block_size=32', '--vocab_size=65']
@@ -70,3 +72,39 @@ def test_sample_mode_refuses_lengths_past_block_size(workdir):
     result = run_bench(workdir, '--mode=sample', '--max_new_tokens=40')
     assert result.returncode != 0 and 'Traceback' not in result.stderr
     assert 'past block_size 32' in result.stderr
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--batch_size=0'], 'batch_size=0 is not an integer >= 1'),
+    (['--block_size=0'], 'block_size=0 is not an integer >= 1'),
+    (['--n_head=0'], 'n_head=0 is not an integer >= 1'),
+    (['--n_embd=33'], 'n_embd=33 is not a multiple of n_head=2'),
+    (['--vocab_size=0'], 'vocab_size=0 is not an integer >= 1'),
+    (['--mode=sample', '--max_new_tokens=0'], 'max_new_tokens=0 is not an integer >= 1'),
+    (['--mode=sample', '--sample_rounds=0'], 'sample_rounds=0 is not an integer >= 1'),
+    (['--mode=sample', '--top_k=0'], 'top_k=0 is not an integer >= 1'),
+    (['--mode=sampel'], "mode='sampel' is not 'train' or 'sample'"),
+    (['--dtype=half'], "dtype='half' is not one of 'float32', 'bfloat16', 'float16'"),
+    (['--device=cuda0'], "device='cuda0' is not 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+])
+def test_bad_settings_get_a_one_line_error(workdir, monkeypatch, args, fragment):
+    assert fragment in exit_message(monkeypatch, workdir, 'bench.py', *TINY, '--real_data=False', *args)
+
+
+@pytest.mark.parametrize('tokens, fragment', [
+    pytest.param(bytes(2001), 'data/tiny/train.bin has an odd number of bytes', id='odd size'),
+    pytest.param(np.full(100, 65, np.uint16).tobytes(), 'data/tiny/train.bin holds token id 65, past vocab_size 65',
+                 id='ids past the vocabulary'),
+])
+def test_bad_data_files_get_a_one_line_error(workdir, monkeypatch, tokens, fragment):
+    os.makedirs(workdir / 'data' / 'tiny')
+    (workdir / 'data' / 'tiny' / 'train.bin').write_bytes(tokens)
+    assert fragment in exit_message(monkeypatch, workdir, 'bench.py', *TINY, '--dataset=tiny')
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--max_iters=5'], 'max_iters=5 is not an integer >= 6 (the first 5 iterations are not timed)'),
+    (['--repeats=0'], 'repeats=0 is not an integer >= 1'),
+])
+def test_bench_train_bad_settings_get_a_one_line_error(workdir, monkeypatch, args, fragment):
+    assert fragment in exit_message(monkeypatch, workdir, os.path.join(ROOT, 'bench_train.py'), *args)

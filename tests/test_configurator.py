@@ -15,6 +15,8 @@ device = 'cuda'
 out_dir = 'out'
 top_p = None
 exec(open({os.path.join(ROOT, 'configurator.py')!r}).read())
+check('batch_size', lambda v: v >= 1, 'an integer >= 1')
+check('top_p', lambda v: v is None or 0 < v <= 1, 'in (0, 1] (or None: no nucleus)')
 import json
 print('RESULT ' + json.dumps(dict(batch_size=batch_size, learning_rate=learning_rate, compile=compile,
                                   device=device, out_dir=out_dir, top_p=top_p,
@@ -22,10 +24,11 @@ print('RESULT ' + json.dumps(dict(batch_size=batch_size, learning_rate=learning_
 """
 
 
-def run(tmp_path, *args):
+def run(tmp_path, *args, env=None):
     script = tmp_path / 'train.py'
     script.write_text(SCRIPT)
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=tmp_path)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=tmp_path,
+                          env=dict(os.environ, **(env or {})))
 
 
 def result(proc):
@@ -35,7 +38,7 @@ def result(proc):
 
 
 def assert_one_line_error(proc, *fragments):
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert 'Traceback' not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -107,3 +110,39 @@ def test_missing_config_file(tmp_path):
 def test_help_lists_settings(tmp_path):
     proc = run(tmp_path, '--help')
     assert proc.returncode == 0 and '--batch_size=12' in proc.stdout and 'RESULT' not in proc.stdout
+
+
+@pytest.mark.parametrize('source, fragments', [
+    ("batch_size = 1 // 0\n", ['config file cfg.py line 1: ZeroDivisionError']),
+    ("import math\n\nbatch_size = batchsize * 2\n", ["config file cfg.py line 3: NameError: name 'batchsize' is not defined"]),
+    ("def f():\n    return undefined\nlearning_rate = f()\n", ['config file cfg.py line 2: NameError']),  # where it raised
+    ("batch_size = (\n", ['config file cfg.py has a syntax error at line 1']),
+    ("batch_size = 1\x00\n", ['config file cfg.py has a syntax error: source code string cannot contain null bytes']),
+])
+def test_config_file_that_fails_names_its_line(tmp_path, source, fragments):
+    (tmp_path / 'cfg.py').write_text(source)
+    assert_one_line_error(run(tmp_path, 'cfg.py'), *fragments)
+
+
+def test_config_file_that_is_not_text(tmp_path):
+    (tmp_path / 'cfg.py').write_bytes(b'\xff\xfe\x00binary')
+    assert_one_line_error(run(tmp_path, 'cfg.py'), 'cannot read config file cfg.py')
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('--batch_size=0', 'train.py: batch_size=0 is not an integer >= 1'),
+    ('--batch_size=None', 'train.py: batch_size=None is not an integer >= 1'),  # None cannot even compare with 1
+    ('--top_p=1.5', 'train.py: top_p=1.5 is not in (0, 1] (or None: no nucleus)'),
+    ("--top_p='high'", "train.py: top_p='high' is not in (0, 1] (or None: no nucleus)"),
+])
+def test_check_names_the_setting_its_value_and_what_is_valid(tmp_path, arg, message):
+    proc = run(tmp_path, arg)
+    assert_one_line_error(proc, message)
+    assert proc.stderr.strip() == message and 'RESULT' not in proc.stdout
+
+
+def test_check_under_torchrun_speaks_once(tmp_path):
+    """Every process checks; only the first says why, so that a bad setting is one line, not one per process."""
+    proc = run(tmp_path, '--batch_size=0', env={'RANK': '1'})
+    assert proc.returncode == 1 and proc.stderr == ''
+    assert result(run(tmp_path, '--batch_size=3', env={'RANK': '1'}))['batch_size'] == 3

@@ -9,7 +9,7 @@ import pytest
 import tiktoken
 import torch
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, exit_message
 
 sys.path.insert(0, os.path.join(ROOT, 'data'))
 import token_bins  # noqa: E402
@@ -153,12 +153,40 @@ def test_own_text_errors_are_one_line(tmp_path, text_folder):
     (tmp_path / 'empty.txt').write_text('')
     assert_one_line_error(run('data/text/prepare.py', tmp_path / 'empty.txt', '--out_dir', tmp_path), 'empty input')
     assert_one_line_error(run('data/text/prepare.py', folder, '--val_fraction', 0, '--out_dir', tmp_path),
-                          'val split is empty')
+                          '--val_fraction=0.0 is not in (0, 1)')
     # more distinct characters than uint16 ids can number (planes 1 and 2: no surrogates)
     (tmp_path / 'huge_vocab.txt').write_text(''.join(map(chr, range(0x10000, 0x10000 + 70_000))), encoding='utf-8')
     assert_one_line_error(run('data/text/prepare.py', tmp_path / 'huge_vocab.txt', '--char', '--out_dir', tmp_path),
                           '65536')
     assert not (tmp_path / 'train.bin').exists()
+
+
+@pytest.mark.parametrize('script, args, fragment', [
+    ('data/text/prepare.py', ['book.txt', '--val_fraction', '1'], '--val_fraction=1.0 is not in (0, 1)'),
+    ('data/text/prepare.py', ['book.txt', '--val_fraction', '-0.1'], '--val_fraction=-0.1 is not in (0, 1)'),
+    ('data/openwebtext/prepare.py', ['--num_proc', '0'], '--num_proc=0 is not an integer >= 1'),
+    ('data/openwebtext/prepare.py', ['--num_proc_load_dataset', '-2'], '--num_proc_load_dataset=-2 is not an integer >= 1'),
+    ('data/openwebtext/prepare.py', ['--val_fraction', '1.5'], '--val_fraction=1.5 is not in (0, 1)'),
+    ('data/fineweb/prepare.py', ['--val_every', '1'], '--val_every=1 would leave train.bin empty'),
+    ('data/fineweb/prepare.py', ['--max_docs', '0'], '--max_docs=0 is not an integer >= 1'),
+    ('data/fineweb/prepare.py', ['--num_threads', '0'], '--num_threads=0 is not an integer >= 1'),
+    ('data/openwebtext/embmatrix.py', ['--model', 'gpt2', '--out', '.'], "--out='.' is not a file name"),
+])
+def test_bad_arguments_get_a_one_line_error_before_any_work(tmp_path, monkeypatch, script, args, fragment):
+    (tmp_path / 'book.txt').write_text('Some text to prepare.\n' * 10)
+    assert fragment in exit_message(monkeypatch, tmp_path, os.path.join(ROOT, script), *args)
+
+
+def test_shakespeare_char_offline_without_its_text_is_one_line(tmp_path, monkeypatch):
+    import requests
+
+    def offline(*args, **kwargs):
+        raise requests.ConnectionError('no network')
+    monkeypatch.setattr(requests, 'get', offline)
+    (tmp_path / 'shakespeare_char').mkdir()
+    shutil.copy(os.path.join(ROOT, 'data', 'shakespeare_char', 'prepare.py'), tmp_path / 'shakespeare_char')
+    message = exit_message(monkeypatch, tmp_path, 'shakespeare_char/prepare.py')
+    assert 'cannot download' in message and 'ConnectionError' in message and 'input.txt instead' in message
 
 
 def test_network_prepare_scripts_fail_in_one_line_when_offline():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, exit_message
 from model import GPT, GPTConfig
 
 VOCAB = 50
@@ -76,9 +76,25 @@ def test_learned_positions_stop_at_block_size(project):
 
 
 def test_bad_input_is_one_line(project):
-    for args, fragment in [(['--out_dir=out-none'], 'no out-none/ckpt.pt'),
-                           (['--out_dir=out-alibi', '--dataset=absent'], 'prepare.py'),
-                           (['--out_dir=out-alibi', '--lengths=64,x'], 'positive integers')]:
-        proc = run(project, *args)
-        assert proc.returncode != 0 and 'Traceback' not in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1 and fragment in proc.stderr
+    proc = run(project, '--out_dir=out-none')
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ['eval_length.py: no out-none/ckpt.pt: train a model first (python train.py --out_dir=out-none ...)']
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--dataset=absent'], 'no data/absent/val.bin: run python data/absent/prepare.py'),
+    (['--lengths=64,x'], "lengths='64,x' is not a list of positive integers like '64,128,256'"),
+    (['--lengths=0'], "lengths='0' is not a list of positive integers"),
+    (['--num_tokens=0'], 'num_tokens=0 is not an integer >= 1'),
+    (['--batch_tokens=-1'], 'batch_tokens=-1 is not an integer >= 1'),
+    (['--dtype=float64'], "dtype='float64' is not one of 'float32', 'bfloat16', 'float16'"),
+    (['--device=gpu'], "device='gpu' is not 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    (['--dataset=odd'], 'data/odd/val.bin has an odd number of bytes'),
+    (['--dataset=wide'], f'data/wide/val.bin holds token id {VOCAB}, past the model\'s vocab_size {VOCAB}'),
+])
+def test_bad_settings_and_data_files_get_a_one_line_error(project, monkeypatch, args, fragment):
+    for name, data in [('odd', bytes(3001)), ('wide', np.full(200, VOCAB, np.uint16).tobytes())]:
+        (project / 'data' / name).mkdir(exist_ok=True)
+        (project / 'data' / name / 'val.bin').write_bytes(data)
+    message = exit_message(monkeypatch, project, os.path.join(ROOT, 'eval_length.py'), '--device=cpu', '--out_dir=out-alibi', *args)
+    assert fragment in message

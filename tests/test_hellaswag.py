@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, exit_message
 from hellaswag import evaluate_hellaswag, load_hellaswag, score_examples
 from model import GPT, GPTConfig
 
@@ -167,6 +167,18 @@ def test_script_refuses_a_character_level_model(items_file, tmp_path):
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert 'vocabulary of 65 tokens' in proc.stderr and 'GPT-2' in proc.stderr
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--batch_size=0'], 'batch_size=0 is not an integer >= 1'),
+    (['--limit=0'], 'limit=0 is not an integer >= 1 (or None: all items)'),
+    (['--dtype=bf16'], "dtype='bf16' is not one of 'float32', 'bfloat16', 'float16'"),
+    (['--device=GPU'], "device='GPU' is not 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+])
+def test_script_bad_settings_get_a_one_line_error(tmp_path, monkeypatch, args, fragment):
+    import shutil
+    shutil.copy(os.path.join(ROOT, 'configurator.py'), tmp_path)
+    assert fragment in exit_message(monkeypatch, tmp_path, os.path.join(ROOT, 'hellaswag.py'), '--device=cpu', *args)
 
 
 def train_repo(tmp_path, vocab_size=None):

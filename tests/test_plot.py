@@ -1,11 +1,12 @@
 import json
+import os
 import math
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, exit_message
 
 
 def write_log(out_dir, records, tail=''):
@@ -58,3 +59,19 @@ def test_without_matplotlib_says_how_to_install_it(tmp_path):
     proc = run(f'--out={tmp_path / "loss.png"}', env={'PYTHONPATH': str(tmp_path), 'PATH': ''})
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
     assert proc.stderr.strip() == 'plot.py: needs matplotlib: pip install matplotlib'
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--smooth=1.0'], 'smooth=1.0 is not in [0, 1) (0: no smoothing)'),
+    (['--smooth=-0.5'], 'smooth=-0.5 is not in [0, 1)'),
+    (['--out_dirs='], "out_dirs='' is not a comma-separated list of out_dirs"),
+    (['--out_dirs=out-a,'], "out_dirs='out-a,' is not a comma-separated list of out_dirs"),
+    (['--out='], "out='' is not a file name for the PNG"),
+    (['--out=.'], "out='.' is not a file name for the PNG"),
+])
+def test_bad_settings_get_a_one_line_error(tmp_path, monkeypatch, args, fragment):
+    import shutil
+    shutil.copy(os.path.join(ROOT, 'configurator.py'), tmp_path)
+    write_log(tmp_path / 'out', training_records(range(0, 11), 5, 4.0))
+    assert fragment in exit_message(monkeypatch, tmp_path, os.path.join(ROOT, 'plot.py'), '--out_dirs=out', *args)
+

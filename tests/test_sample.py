@@ -1,5 +1,6 @@
 import os
 import pickle
+import runpy
 import shutil
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conftest import exit_message
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,8 +99,9 @@ def test_kv_cache_is_preallocated_once(flash):
 def test_top_p_keeps_the_smallest_set_reaching_p():
     model = tiny_model()
     idx = torch.randint(0, 50, (2, 3))
-    # top_p so small that only the most likely token survives: greedy
-    assert torch.equal(model.generate(idx, 10, top_p=1e-6), model.generate(idx, 10, top_k=1))
+    # top_p so small that only the most likely token survives, or 0, or less: greedy
+    for top_p in (1e-6, 0.0, -1.0):
+        assert torch.equal(model.generate(idx, 10, top_p=top_p), model.generate(idx, 10, top_k=1))
     # with top_p=0.5 every drawn token is among those the nucleus allows
     torch.manual_seed(1)
     out = model.generate(idx, 12, top_p=0.5, temperature=3.0)
@@ -109,6 +112,23 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         for b in range(2):
             rank = (order[b] == out[b, t]).nonzero().item()
             assert before[b, rank] < 0.5 + 1e-6
+
+
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_temperature_zero_is_greedy(use_cache):
+    model = tiny_model()
+    idx = torch.randint(0, 50, (3, 4))
+    greedy = nanogpt_greedy(model, idx, 30)  # past block_size too
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(idx, 30, temperature=0.0, use_cache=use_cache), greedy)
+    # top_k and top_p keep the most likely token, so they change nothing; nor does the random state
+    torch.manual_seed(1)
+    assert torch.equal(model.generate(idx, 30, temperature=0.0, top_k=3, top_p=0.01, use_cache=use_cache), greedy)
+    # top_k past the vocabulary means every token
+    torch.manual_seed(2)
+    wide = model.generate(idx, 12, temperature=1.0, top_k=10_000)
+    torch.manual_seed(2)
+    assert torch.equal(wide, model.generate(idx, 12, temperature=1.0, top_k=None))
 
 
 def test_generation_stops_once_every_row_has_the_stop_token():
@@ -233,6 +253,40 @@ def test_bad_prompts_get_one_line_errors(char_workdir):
     assert_one_line_error(run_sample(cwd, '--out_dir=out', '--start=FILE:nothere.txt'), 'no prompt file nothere.txt')
     assert_one_line_error(run_sample(cwd, '--out_dir=out', '--start=hello WORLD€'),
                           'outside the model', "'D', 'L', 'O', 'R', 'W', '€'")
+
+
+def test_temperature_zero_gives_the_argmax_samples_every_time(char_workdir, monkeypatch, capsys):
+    cwd, model = char_workdir
+    monkeypatch.chdir(cwd)
+    runs = []
+    for extra in (['--seed=1'], ['--seed=2', '--top_k=None']):  # two runs, inside this process: no start-up to pay for
+        monkeypatch.setattr(sys, 'argv', ['sample.py', '--device=cpu', '--out_dir=out', '--start=the ', '--temperature=0',
+                                          '--num_samples=3', '--max_new_tokens=40', '--top_p=0.9', *extra])
+        runpy.run_path('sample.py', run_name='__main__')
+        runs.append(samples(capsys.readouterr().out))
+    stoi, itos = char_meta()['stoi'], char_meta()['itos']
+    argmax = nanogpt_greedy(model, torch.tensor([[stoi[c] for c in 'the ']]), 40)[0].tolist()  # past block_size=32
+    assert runs[0] == runs[1] == [''.join(itos[i] for i in argmax)] * 3
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--num_samples=0'], 'num_samples=0 is not an integer >= 1'),
+    (['--max_new_tokens=0'], 'max_new_tokens=0 is not an integer >= 1'),
+    (['--max_new_tokens=-5'], 'max_new_tokens=-5 is not an integer >= 1'),
+    (['--temperature=-0.5'], 'temperature=-0.5 is not a number >= 0 (0: always the most likely token)'),
+    (['--top_k=0'], 'top_k=0 is not an integer >= 1 (or None: no limit)'),
+    (['--top_k=-3'], 'top_k=-3 is not an integer >= 1'),
+    (['--top_p=0.0'], 'top_p=0.0 is not in (0, 1] (or None: no nucleus)'),
+    (['--top_p=1.5'], 'top_p=1.5 is not in (0, 1]'),
+    (['--top_p=-0.1'], 'top_p=-0.1 is not in (0, 1]'),
+    (['--top_p=high'], "top_p='high' is not in (0, 1]"),
+    (['--dtype=fp16'], "dtype='fp16' is not one of 'float32', 'bfloat16', 'float16'"),
+    (['--device=gpu'], "device='gpu' is not 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    (['--init_from=gtp2'], "init_from must be 'resume', a GPT-2 variant"),
+])
+def test_bad_settings_get_a_one_line_error(char_workdir, monkeypatch, args, fragment):
+    cwd, _ = char_workdir
+    assert fragment in exit_message(monkeypatch, cwd, 'sample.py', '--device=cpu', '--out_dir=out', *args)
 
 
 def test_missing_checkpoint_is_a_one_line_error(workdir):

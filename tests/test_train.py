@@ -2,7 +2,6 @@
 import json
 import os
 import pickle
-import runpy
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import exit_message
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -258,15 +258,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(repo):
 
 
 def error_of(repo, monkeypatch, *args):
-    """The exit message of train.py run inside this process, for errors before any training (no
-    interpreter start-up to pay for); sys.exit with a message is what gives the non-zero exit."""
-    monkeypatch.chdir(repo)
-    monkeypatch.setattr(sys, 'argv', ['train.py', *TINY, *args])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path('train.py', run_name='__main__')
-    message = exit_info.value.code
-    assert isinstance(message, str) and message.startswith('train.py: ') and '\n' not in message, message
-    return message
+    """The one-line exit message of train.py with TINY and args, run inside this process; it wrote no file."""
+    return exit_message(monkeypatch, repo, 'train.py', *TINY, *args)
 
 
 @pytest.mark.parametrize('args, fragments', [
@@ -276,12 +269,67 @@ def error_of(repo, monkeypatch, *args):
     (['--eval_block_size=0'], ['eval_block_size must be a positive int']),
     (['--pre_trained_embs=True'], ['no data/tiny/emb_mat.pt', 'python data/openwebtext/embmatrix.py']),
     (['--init_from=gtp2'], ["init_from='gtp2' is not"]),
-    (['--dtype=float8'], ["dtype='float8' is not one of"]),
+    (['--dtype=float8'], ["dtype='float8' is not one of 'float32', 'bfloat16', 'float16'"]),
+    (['--batch_size=0'], ['batch_size=0 is not an integer >= 1']),
+    (['--batch_size=None'], ['batch_size=None is not an integer >= 1']),
+    (['--block_size=-16'], ['block_size=-16 is not an integer >= 1']),
+    (['--n_layer=0'], ['n_layer=0 is not an integer >= 1']),
+    (['--n_head=0'], ['n_head=0 is not an integer >= 1']),
+    (['--n_embd=33'], ['n_embd=33 is not a multiple of n_head=2']),
+    (['--gradient_accumulation_steps=0'], ['gradient_accumulation_steps=0 is not an integer >= 1']),
+    (['--eval_iters=0'], ['eval_iters=0 is not an integer >= 1']),
+    (['--eval_interval=0'], ['eval_interval=0 is not an integer >= 1']),
+    (['--log_interval=0'], ['log_interval=0 is not an integer >= 1']),
+    (['--learning_rate=-1'], ['learning_rate=-1.0 is not a number >= 0']),
+    (['--weight_decay=-0.1'], ['weight_decay=-0.1 is not a number >= 0']),
+    (['--grad_clip=-1.0'], ['grad_clip=-1.0 is not a number >= 0']),
+    (['--max_iters=-1'], ['max_iters=-1 is not a number >= 0']),
+    (['--warmup_iters=-10'], ['warmup_iters=-10 is not a number >= 0']),
+    (['--lr_decay_iters=-1'], ['lr_decay_iters=-1 is not a number >= 0']),
+    (['--hellaswag_interval=-1'], ['hellaswag_interval=-1 is not a number >= 0']),
+    (['--seed=-1'], ['seed=-1 is not a number >= 0']),
+    (['--min_lr=0.1'], ['min_lr=0.1 is not in [0, learning_rate=0.01]', 'decay_lr=False']),
+    (['--min_lr=-1e-4'], ['min_lr=-0.0001 is not in [0, learning_rate=0.01]']),
+    (['--dropout=1.0'], ['dropout=1.0 is not in [0, 1)']),
+    (['--dropout=-0.1'], ['dropout=-0.1 is not in [0, 1)']),
+    (['--beta1=1.0'], ['beta1=1.0 is not in [0, 1)']),
+    (['--beta2=1.5'], ['beta2=1.5 is not in [0, 1)']),
+    (['--device=gpu'], ["device='gpu' is not 'cpu', 'cuda', 'cuda:N' or 'mps'"]),
+    (['--device=cuda:x'], ["device='cuda:x' is not 'cpu', 'cuda', 'cuda:N' or 'mps'"]),
+    (['--out_dir='], ["out_dir='' is not a directory name"]),
 ])
 def test_bad_settings_get_a_one_line_error(repo, monkeypatch, args, fragments):
     message = error_of(repo, monkeypatch, *args)
     for fragment in fragments:
         assert fragment in message
+
+
+@pytest.mark.parametrize('split, tokens, fragments', [
+    pytest.param('val', bytes(81), ['data/tiny/val.bin has an odd number of bytes', 'prepare.py'], id='odd size'),
+    pytest.param('train', b'', ['data/tiny/train.bin has only 0 tokens'], id='empty'),
+    pytest.param('train', np.arange(1000, dtype=np.uint16).tobytes(), ['data/tiny/train.bin holds token id ', 'vocab_size 32'],
+                 id='ids past the vocabulary'),
+    pytest.param('val', np.full(100, VOCAB, np.uint16).tobytes(), [f'data/tiny/val.bin holds token id {VOCAB}', 'meta.pkl'],
+                 id='the first id past it'),
+])
+def test_bad_data_files_get_a_one_line_error_naming_the_file(repo, monkeypatch, split, tokens, fragments):
+    (repo / 'data' / 'tiny' / f'{split}.bin').write_bytes(tokens)
+    message = error_of(repo, monkeypatch, '--max_iters=2')
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_resume_on_a_dataset_of_another_vocabulary(repo, monkeypatch):
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB, dropout=0.1)
+    os.makedirs(repo / 'out')
+    torch.save({'model': GPT(GPTConfig(**model_args)).state_dict(), 'model_args': model_args}, repo / 'out' / 'ckpt.pt')
+    tokens = np.random.default_rng(0).integers(0, 2 * VOCAB, 1000)
+    write_bins(repo / 'data' / 'wide', tokens, tokens[:200])
+    with open(repo / 'data' / 'wide' / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 2 * VOCAB}, f)
+    message = error_of(repo, monkeypatch, '--init_from=resume', '--dataset=wide')
+    # refused as a shape that differs, or (when resuming takes the checkpoint's shape) at the first batch of ids past it
+    assert f'vocab_size={VOCAB}' in message or f"data/wide/train.bin holds token id" in message, message
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')

@@ -20,6 +20,10 @@ parser.add_argument('--num_threads', type=int, default=8, help="tokenizing threa
 args = parser.parse_args()
 if args.val_every < 2:
     fail(f"--val_every={args.val_every} would leave train.bin empty; use 2 or more")
+if args.max_docs is not None and args.max_docs < 1:
+    fail(f"--max_docs={args.max_docs} is not an integer >= 1 (leave it out for the whole subset)")
+if args.num_threads < 1:
+    fail(f"--num_threads={args.num_threads} is not an integer >= 1")
 
 from datasets import load_dataset  # after the arguments: --help stays quick
 

@@ -26,6 +26,8 @@ parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspat
                     help="where to write; train.py reads data/<dataset>/emb_mat.pt")
 parser.add_argument('--seed', type=int, default=1337, help="seed of the random rows for unknown tokens")
 args = parser.parse_args()
+if not args.out or os.path.isdir(args.out):
+    fail(f"--out={args.out!r} is not a file name, e.g. data/openwebtext/emb_mat.pt")
 
 enc = gpt2_encoding()
 vocab_size = enc.n_vocab  # 50257

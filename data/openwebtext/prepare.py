@@ -16,6 +16,11 @@ parser.add_argument('--num_proc', type=int, default=8, help="tokenizing processe
 parser.add_argument('--num_proc_load_dataset', type=int, default=8, help="processes for download and unpacking")
 parser.add_argument('--val_fraction', type=float, default=0.0005, help="share of the documents that go to val.bin")
 args = parser.parse_args()
+for name in ('num_proc', 'num_proc_load_dataset'):
+    if getattr(args, name) < 1:
+        fail(f"--{name}={getattr(args, name)} is not an integer >= 1")
+if not 0 < args.val_fraction < 1:
+    fail(f"--val_fraction={args.val_fraction} is not in (0, 1): it is the share of the documents that go to val.bin")
 
 from datasets import load_dataset  # after the arguments: --help stays quick
 

@@ -6,6 +6,7 @@ layout as nanoGPT. Downloads input.txt first when it is not beside this script.
 """
 import os
 import pickle
+import sys
 
 import numpy as np
 
@@ -15,8 +16,11 @@ if not os.path.exists(input_path):
     import requests
     url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
     print(f"downloading {url}")
-    response = requests.get(url, timeout=60)
-    response.raise_for_status()
+    try:
+        response = requests.get(url, timeout=60)
+        response.raise_for_status()
+    except requests.RequestException as e:
+        sys.exit(f"{sys.argv[0]}: cannot download {url} ({type(e).__name__}); put Tiny Shakespeare at {input_path} instead")
     with open(input_path, 'w', encoding='utf-8') as f:
         f.write(response.text)
 

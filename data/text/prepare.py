@@ -23,6 +23,8 @@ parser.add_argument('--char', action='store_true', help="character-level tokens 
 parser.add_argument('--val_fraction', type=float, default=0.1, help="share of the tokens that go to val.bin")
 parser.add_argument('--out_dir', default=here, help="where to write; train.py reads data/<dataset>/")
 args = parser.parse_args()
+if not 0 < args.val_fraction < 1:
+    fail(f"--val_fraction={args.val_fraction} is not in (0, 1): it is the share of the tokens that go to val.bin")
 
 if os.path.isdir(args.input):
     files = sorted(glob.glob(os.path.join(args.input, '**', '*.txt'), recursive=True))
