@@ -22,6 +22,9 @@ out_dir = 'out'  # the training run: its ckpt.pt is exported
 hf_dir = 'hf'  # the Hugging Face directory to write
 overwrite = False  # replace an existing hf_dir
 exec(open('configurator.py').read())  # overrides from the command line or a config file
+check('out_dir', lambda v: v != '', "a training run's directory, e.g. 'out-shakespeare'")
+check('hf_dir', lambda v: v != '' and os.path.abspath(v) not in (os.getcwd(), os.path.abspath(out_dir)),
+      "a new directory, other than out_dir and '.', e.g. 'hf-shakespeare'")
 # -----------------------------------------------------------------------------
 GPT2_VOCAB = 50257  # GPT-2's BPE: 50,000 merges, 256 bytes and <|endoftext|>
 CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
@@ -79,6 +82,8 @@ if not os.path.isfile(ckpt_path):
     fail(f"no checkpoint {ckpt_path}: train a model first, or pass --out_dir=<its directory>")
 if os.path.exists(hf_dir) and not overwrite:
     fail(f"{hf_dir} already exists: pass --overwrite=True to replace it, or another --hf_dir")
+if os.path.exists(hf_dir) and not os.path.isfile(os.path.join(hf_dir, 'config.json')):
+    fail(f"{hf_dir} exists and holds no config.json: not an exported model, so it is not replaced; pass another --hf_dir")
 try:
     model, checkpoint = load_checkpoint(ckpt_path)
 except ValueError as e:

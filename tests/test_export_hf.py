@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import runpy
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import exit_message
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,19 +62,13 @@ def run(repo, script, *args):
     return subprocess.run([sys.executable, script, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
 
 
-def export(repo, *args):
-    result = run(repo, 'export_hf.py', '--out_dir=out', '--hf_dir=hf', *args)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 1
-    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith('export_hf.py: '), result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in last, last
+def export(repo, monkeypatch, capsys, *args):
+    """Runs export_hf.py in this process (transformers is imported once for all tests); returns its output."""
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(sys, 'argv', ['export_hf.py', '--out_dir=out', '--hf_dir=hf', *args])
+    capsys.readouterr()
+    runpy.run_path('export_hf.py', run_name='__main__')
+    return capsys.readouterr().out
 
 
 def ids(length, vocab, seed=0):
@@ -85,11 +81,11 @@ def full_logits(model, x):
 
 
 @pytest.mark.parametrize('bias', [False, True])
-def test_bpe_export_gives_our_logits_in_transformers(repo, bias):
+def test_bpe_export_gives_our_logits_in_transformers(repo, monkeypatch, capsys, bias):
     from transformers import AutoModelForCausalLM
     model = tiny_model(bias=bias)
     write_checkpoint(str(repo / 'out' / 'ckpt.pt'), model, 'somebpe')
-    export(repo)
+    export(repo, monkeypatch, capsys)
     hf = AutoModelForCausalLM.from_pretrained(repo / 'hf').eval()
     assert hf.config.vocab_size == 50304 and hf.config.n_positions == 16  # the padded rows are there
     x = ids(16, 50304)
@@ -98,11 +94,11 @@ def test_bpe_export_gives_our_logits_in_transformers(repo, bias):
     assert not [p for p in os.listdir(repo) if '.tmp-' in p]  # the temporary directory was renamed
 
 
-def test_exported_tokenizer_is_gpt2s_and_matches_tiktoken(repo):
+def test_exported_tokenizer_is_gpt2s_and_matches_tiktoken(repo, monkeypatch, capsys):
     import tiktoken
     from transformers import AutoTokenizer, GPT2Tokenizer
     write_checkpoint(str(repo / 'out' / 'ckpt.pt'), tiny_model(), 'somebpe')
-    export(repo)
+    export(repo, monkeypatch, capsys)
     enc = tiktoken.get_encoding('gpt2')
     for tokenizer in (AutoTokenizer.from_pretrained(repo / 'hf'), GPT2Tokenizer.from_pretrained(repo / 'hf')):
         assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256
@@ -125,10 +121,10 @@ def test_exported_tokenizer_is_gpt2s_and_matches_tiktoken(repo):
     assert checked == 2 or not os.path.isdir(cache)
 
 
-def test_init_from_the_export_gives_our_loss_and_trains(repo):
+def test_init_from_the_export_gives_our_loss_and_trains(repo, monkeypatch, capsys):
     model = tiny_model(bias=False)
     write_checkpoint(str(repo / 'out' / 'ckpt.pt'), model, 'somebpe')
-    export(repo)
+    export(repo, monkeypatch, capsys)
     data = np.random.default_rng(1).integers(0, 50257, 200).astype(np.uint16)
     os.makedirs(repo / 'data' / 'somebpe')
     data.tofile(repo / 'data' / 'somebpe' / 'train.bin')
@@ -154,24 +150,29 @@ def test_init_from_the_export_gives_our_loss_and_trains(repo):
     assert expected_text in result.stdout
 
 
-def test_alibi_export_is_refused_and_writes_nothing(repo):
+def test_alibi_export_is_refused_and_writes_nothing(repo, monkeypatch):
     write_checkpoint(str(repo / 'out' / 'ckpt.pt'), tiny_model(alibi=True), 'somebpe')
-    assert_one_line_error(run(repo, 'export_hf.py', '--out_dir=out', '--hf_dir=hf'), 'ALiBi', 'GPT-2')
-    assert sorted(os.listdir(repo)) == sorted(['export_hf.py', 'train.py', 'sample.py', 'model.py', 'configurator.py', 'out'])
+    message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', '--hf_dir=hf')  # and no file written
+    assert 'ALiBi' in message and 'GPT-2' in message
 
 
-def test_existing_hf_dir_is_kept_unless_overwrite(repo):
+def test_existing_hf_dir_is_kept_unless_overwrite(repo, monkeypatch, capsys):
     write_checkpoint(str(repo / 'out' / 'ckpt.pt'), tiny_model(vocab_size=50257), 'somebpe')
-    os.makedirs(repo / 'hf')
+    export(repo, monkeypatch, capsys)
     (repo / 'hf' / 'mine.txt').write_text('keep me')
-    assert_one_line_error(run(repo, 'export_hf.py', '--out_dir=out', '--hf_dir=hf'), 'hf already exists', '--overwrite=True')
-    assert os.listdir(repo / 'hf') == ['mine.txt']
-    export(repo, '--overwrite=True')
+    assert '--overwrite=True' in exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', '--hf_dir=hf')
+    os.makedirs(repo / 'other')
+    (repo / 'other' / 'mine.txt').write_text('keep me')
+    assert 'not an exported model' in exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', '--hf_dir=other',
+                                                   '--overwrite=True')
+    assert 'hf_dir=' in exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', '--hf_dir=out', '--overwrite=True')
+    assert os.listdir(repo / 'other') == ['mine.txt'] and 'mine.txt' in os.listdir(repo / 'hf')
+    export(repo, monkeypatch, capsys, '--overwrite=True')
     assert 'mine.txt' not in os.listdir(repo / 'hf') and 'model.safetensors' in os.listdir(repo / 'hf')
     assert not [p for p in os.listdir(repo) if '.tmp-' in p]
 
 
-def test_character_level_export_keeps_meta_pkl_as_its_vocabulary(repo):
+def test_character_level_export_keeps_meta_pkl_as_its_vocabulary(repo, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
     chars = sorted(set("hello world\n"))
     meta = {'vocab_size': len(chars), 'itos': dict(enumerate(chars)), 'stoi': {c: i for i, c in enumerate(chars)}}
@@ -180,8 +181,8 @@ def test_character_level_export_keeps_meta_pkl_as_its_vocabulary(repo):
         pickle.dump(meta, f)
     model = tiny_model(vocab_size=len(chars))
     write_checkpoint(str(repo / 'out' / 'ckpt.pt'), model, 'tinychars')
-    result = export(repo)
-    assert 'the vocabulary is data/tinychars/meta.pkl' in result.stdout and 'not a Hugging Face tokenizer' in result.stdout
+    out = export(repo, monkeypatch, capsys)
+    assert 'the vocabulary is data/tinychars/meta.pkl' in out and 'not a Hugging Face tokenizer' in out
     with open(repo / 'hf' / 'meta.pkl', 'rb') as f:
         assert pickle.load(f) == meta
     assert not (repo / 'hf' / 'vocab.json').exists()
