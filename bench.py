@@ -9,11 +9,11 @@ and of Hugging Face's GPT2LMHeadModel.generate on a model of the same shape, in 
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
+import runtime
 from model import GPTConfig, GPT
 
 # -----------------------------------------------------------------------------
@@ -30,8 +30,8 @@ alibi = False
 real_data = True  # train on data/<dataset>/train.bin; False: random tokens
 dataset = 'openwebtext'
 seed = 1337
-device = 'cuda'  # examples: 'cpu', 'cuda', 'cuda:0', 'cuda:1', etc., or try 'mps' on macbooks
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'  # 'float32' or 'bfloat16' or 'float16'
+device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32; or one of those
 compile = True  # use PyTorch 2.0 to compile the model to be faster
 profile = False  # use pytorch profiler, or just simple benchmarking?
 max_new_tokens = 500  # sample mode: tokens generated after a one-token prompt
@@ -43,29 +43,20 @@ for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size
 check('n_embd', lambda v: v % n_head == 0, f'a multiple of n_head={n_head}')
 check('top_k', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: no limit)')
 check('mode', lambda v: v in ('train', 'sample'), "'train' or 'sample'")
-check('dtype', lambda v: v in ('float32', 'bfloat16', 'float16'), "one of 'float32', 'bfloat16', 'float16'")
-check('device', lambda v: torch.device(v).type in ('cpu', 'cuda', 'mps'), "'cpu', 'cuda', 'cuda:N' or 'mps'")
+check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
+check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 # -----------------------------------------------------------------------------
 
-if device.startswith('cuda') and not torch.cuda.is_available():
-    sys.exit(f"bench.py: device '{device}' is not available on this machine: pass --device=cpu")
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    sys.exit(f"bench.py: dtype must be 'float32', 'bfloat16' or 'float16', not '{dtype}'")
 if mode == 'sample' and 1 + max_new_tokens > block_size:
     sys.exit(f"bench.py: 1 + max_new_tokens = {1 + max_new_tokens} is past block_size {block_size}, "
              f"where Hugging Face's GPT-2 cannot go: raise block_size or lower max_new_tokens")
 torch.manual_seed(seed)
-torch.cuda.manual_seed(seed)
-torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
-torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
-
-
-def sync():
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
+try:
+    plan = runtime.setup(device, dtype)
+except ValueError as e:
+    sys.exit(f"bench.py: {e}")
+device, device_type, ctx = plan['device'], plan['device_type'], plan['ctx']
+sync = lambda: runtime.synchronize(device_type)
 
 
 gptconf = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
@@ -133,7 +124,7 @@ if real_data:
         if max(x.max(), y.max()) >= vocab_size:  # microseconds, as in train.py
             sys.exit(f"bench.py: {data_path} holds token id {max(x.max(), y.max()).item()}, past vocab_size {vocab_size}: "
                      f"pass the dataset's --vocab_size")
-        if device_type == 'cuda':
+        if plan['pin_memory']:
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
 else:
@@ -142,6 +133,7 @@ else:
     get_batch = lambda: (x, y)
 
 optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=device_type)
+scaler = runtime.grad_scaler(plan)
 if compile:
     print("Compiling model...")
     model = torch.compile(model)  # pytorch 2.0
@@ -151,8 +143,9 @@ def train_step(X, Y):
     with ctx:
         logits, loss = model(X, Y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
     return loss.item()
 
 
@@ -173,21 +166,8 @@ if profile:
     print(f"wrote profiler trace to {trace_path}")
     print(prof.key_averages().table(sort_by='self_cuda_time_total' if device_type == 'cuda' else 'self_cpu_time_total', row_limit=15))
 else:
-    # the peak MFU is measured against: the device's bf16 peak on known GPUs, measured on the spot on CPU
-    if device_type == 'cuda':
-        name = torch.cuda.get_device_name(device)
-        peaks = {'A100': 312e12, 'H100': 989e12, 'H200': 989e12}  # dense bf16 FLOP/s (H100: the SXM part)
-        peak = next((p for key, p in peaks.items() if key in name), None)
-        peak_note = f"{name} bf16 peak" if peak else f"no known peak for {name}"
-    else:
-        a = torch.randn(2048, 2048)
-        a @ a
-        t0 = time.perf_counter()
-        for _ in range(5):
-            a @ a
-        peak = 5 * 2 * 2048 ** 3 / (time.perf_counter() - t0)
-        peak_note = "CPU peak measured just now: fp32 2048x2048 matmul"
-    print(f"MFU against {peak / 1e9:.1f} GFLOP/s ({peak_note})" if peak else f"MFU not shown: {peak_note}")
+    peak, peak_note = runtime.peak_flops(plan)  # as train.py measures MFU
+    print(f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_note})" if peak else f"MFU not shown: {peak_note}")
     X, Y = get_batch()
     for stage, num_steps in enumerate([10, 20]):  # warm up (and compile), then time
         sync()

@@ -10,11 +10,11 @@ import json
 import math
 import os
 import sys
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
+import runtime
 from model import load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -23,23 +23,23 @@ lengths = ''  # comma-separated context lengths, e.g. '64,128,256'; default 0.5x
 num_tokens = 32768  # val tokens scored at every length (rounded down to a multiple of all the lengths)
 batch_tokens = 8192  # tokens per forward pass: batch_tokens // length windows
 dataset = ''  # default: the dataset the checkpoint was trained on
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'float32'  # or 'bfloat16' / 'float16' for autocast on CUDA
+device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32 (which --dtype=float32 forces)
 json_out = ''  # also write the results to this JSON file
 exec(open('configurator.py').read())
 for k in ('num_tokens', 'batch_tokens'):
     check(k, lambda v: v >= 1, 'an integer >= 1')
 check('lengths', lambda v: not v or all(s.strip().isdigit() and int(s) > 0 for s in v.split(',')),
       "a list of positive integers like '64,128,256' (or '': 0.5x, 1x, 2x, 4x block_size)")
-check('dtype', lambda v: v in ('float32', 'bfloat16', 'float16'), "one of 'float32', 'bfloat16', 'float16'")
-check('device', lambda v: torch.device(v).type in ('cpu', 'cuda', 'mps'), "'cpu', 'cuda', 'cuda:N' or 'mps'")
+check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
+check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 # -----------------------------------------------------------------------------
 prog = 'eval_length.py'
-device_type = 'cuda' if 'cuda' in device else 'cpu'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
-if ptdtype is None:
-    sys.exit(f"{prog}: unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-ctx = nullcontext() if device_type == 'cpu' or ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+try:
+    plan = runtime.setup(device, dtype)
+except ValueError as e:
+    sys.exit(f"{prog}: {e}")
+device, ctx = plan['device'], plan['ctx']
 
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if not os.path.exists(ckpt_path):

@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+import runtime
 from model import GPT, load_checkpoint
 
 
@@ -111,23 +112,20 @@ if __name__ == '__main__':  # (train.py imports the functions above)
     file = os.path.join('data', 'hellaswag', 'hellaswag_val.jsonl')  # downloaded when absent
     limit = None  # score only the first limit items
     batch_size = 4  # items per forward pass, 4 candidates each
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    dtype = 'float32'  # or 'bfloat16' / 'float16' for autocast on CUDA (faster, slightly different figures)
+    device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32 (which --dtype=float32 forces)
     exec(open('configurator.py').read())
     check('batch_size', lambda v: v >= 1, 'an integer >= 1')
     check('limit', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: all items)')
-    check('dtype', lambda v: v in ('float32', 'bfloat16', 'float16'), "one of 'float32', 'bfloat16', 'float16'")
-    check('device', lambda v: torch.device(v).type in ('cpu', 'cuda', 'mps'), "'cpu', 'cuda', 'cuda:N' or 'mps'")
+    check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
+    check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     # -----------------------------------------------------------------------------
     prog = 'hellaswag.py'
-    device_type = 'cuda' if 'cuda' in device else 'cpu'
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
-    if ptdtype is None:
-        sys.exit(f"{prog}: unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    ctx = nullcontext() if device_type == 'cpu' or ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    try:
+        plan = runtime.setup(device, dtype)
+    except ValueError as e:
+        sys.exit(f"{prog}: {e}")
+    device, ctx = plan['device'], plan['ctx']
     if init_from == 'resume':
         ckpt_path = os.path.join(out_dir, 'ckpt.pt')
         if not os.path.exists(ckpt_path):

@@ -259,20 +259,20 @@ class GPT(nn.Module):
         ]
         print(f"num decayed parameter tensors: {len(decay_params)}, with {sum(p.numel() for p in decay_params):,} parameters")
         print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {sum(p.numel() for p in nodecay_params):,} parameters")
-        use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
+        use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'mps', 'cpu')
         optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **({'fused': True} if use_fused else {}))
         print(f"using fused AdamW: {use_fused}")
         return optimizer
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, flops_promised=312e12):
-        """Model FLOPs utilization: achieved FLOP/s over flops_promised (default: A100 bf16 peak).
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+        """Model FLOPs utilization: achieved FLOP/s over the device's peak_flops (runtime.peak_flops).
         FLOPs per token as in the PaLM paper, appendix B: 6N + 12 L H Q T."""
         N = self.get_num_params()
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         flops_per_token = 6 * N + 12 * L * H * Q * T
         flops_per_iter = flops_per_token * T * fwdbwd_per_iter
-        return flops_per_iter / dt / flops_promised
+        return flops_per_iter / dt / peak_flops
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None, use_cache=True):
@@ -352,16 +352,18 @@ def clean_state_dict(state_dict):
     return {k: v for k, v in sd.items() if not k.endswith('.attn.bias')}
 
 
-def load_checkpoint(ckpt_path, device='cpu'):
+def load_checkpoint(ckpt_path, device='cpu', override_args=None):
     """The GPT saved in a ckpt.pt (ours or the original nanoGPT's) and the checkpoint dict. weights_only=True
-    refuses a checkpoint that holds anything but tensors and plain values. Raises ValueError saying what is wrong."""
+    refuses a checkpoint that holds anything but tensors and plain values. override_args: GPTConfig fields that
+    leave the weights' shapes alone (dropout, flash_attn) to take over the checkpoint's. Raises ValueError saying what is wrong."""
     try:
         checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain values; or a damaged file
         raise ValueError(f"cannot load {ckpt_path} safely ({str(e).strip().splitlines()[0]}); "
                          f"only checkpoints of tensors and plain values load") from None
     try:
-        model = GPT(GPTConfig(**checkpoint['model_args']))  # nanoGPT's lack flash_attn and alibi: the defaults match
+        model_args = {**checkpoint['model_args'], **(override_args or {})}
+        model = GPT(GPTConfig(**model_args))  # nanoGPT's lack flash_attn and alibi: the defaults match
         model.load_state_dict(clean_state_dict(checkpoint['model']))
     except (KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"{ckpt_path} is not a checkpoint of this model.py ({str(e).strip().splitlines()[0]})") from None

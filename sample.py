@@ -6,11 +6,11 @@ Hugging Face format:
 """
 import os
 import sys
-from contextlib import nullcontext
 
 import tiktoken
 import torch
 
+import runtime
 from model import GPT, load_checkpoint, load_meta
 
 # -----------------------------------------------------------------------------
@@ -23,8 +23,8 @@ temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 
 top_k = 200  # keep only the top_k most likely tokens (None: all)
 top_p = None  # nucleus sampling: keep the fewest tokens whose probability reaches top_p (None: all)
 seed = 1337
-device = 'cuda'  # 'cpu', 'cuda', 'cuda:0', 'mps', ...
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'  # 'float32', 'bfloat16', or 'float16'
+device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32; or one of those
 compile = False  # use PyTorch 2.0 to compile the model to be faster
 exec(open('configurator.py').read())  # overrides from command line or config file
 for k in ('num_samples', 'max_new_tokens'):
@@ -32,8 +32,8 @@ for k in ('num_samples', 'max_new_tokens'):
 check('temperature', lambda v: v >= 0, 'a number >= 0 (0: always the most likely token)')
 check('top_k', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: no limit)')
 check('top_p', lambda v: v is None or 0 < v <= 1, 'in (0, 1] (or None: no nucleus)')
-check('dtype', lambda v: v in ('float32', 'bfloat16', 'float16'), "one of 'float32', 'bfloat16', 'float16'")
-check('device', lambda v: torch.device(v).type in ('cpu', 'cuda', 'mps'), "'cpu', 'cuda', 'cuda:N' or 'mps'")
+check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
+check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 # -----------------------------------------------------------------------------
 
 
@@ -55,17 +55,12 @@ def load_vocabulary(path, dataset):
     return stoi, itos
 
 
-if device.startswith('cuda') and not torch.cuda.is_available():
-    fail(f"device '{device}' is not available on this machine: pass --device=cpu")
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype must be 'float32', 'bfloat16' or 'float16', not '{dtype}'")
 torch.manual_seed(seed)
-torch.cuda.manual_seed(seed)
-torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
-torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+try:
+    plan = runtime.setup(device, dtype)
+except ValueError as e:
+    fail(str(e))
+device, device_type, ctx = plan['device'], plan['device_type'], plan['ctx']
 
 # model
 dataset = None  # the training data of a resumed checkpoint, for its vocabulary

@@ -24,7 +24,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
-from model import GPTConfig, GPT, clean_state_dict, fit_embedding_matrix, load_meta
+import runtime
+from model import GPTConfig, GPT, fit_embedding_matrix, load_checkpoint, load_meta
 
 # -----------------------------------------------------------------------------
 # settings; the defaults train GPT-2 small (124M) on OpenWebText
@@ -73,8 +74,8 @@ min_lr = 6e-5  # where it ends; Chinchilla suggests about learning_rate / 10
 # DDP
 backend = 'nccl'  # between GPUs; processes on CPUs always talk through 'gloo'
 # hardware
-device = 'cuda'  # or 'cpu', 'cuda:1', 'mps'
-dtype = 'bfloat16' if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else 'float16'  # or 'float32'; see cpu_bf16
+device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32; or one of those (see runtime.py)
 compile = True  # torch.compile the model: slower start, faster steps
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
@@ -91,8 +92,8 @@ check('n_embd', lambda v: v % n_head == 0, f'a multiple of n_head={n_head}')
 check('min_lr', lambda v: not decay_lr or 0 <= v <= learning_rate, f'in [0, learning_rate={learning_rate}] (or decay_lr=False)')
 for k in ('dropout', 'beta1', 'beta2'):
     check(k, lambda v: 0 <= v < 1, 'in [0, 1)')
-check('dtype', lambda v: v in ('float32', 'bfloat16', 'float16'), "one of 'float32', 'bfloat16', 'float16'")
-check('device', lambda v: torch.device(v).type in ('cpu', 'cuda', 'mps'), "'cpu', 'cuda', 'cuda:N' or 'mps'")
+check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
+check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 check('out_dir', lambda v: v, 'a directory name')
 # -----------------------------------------------------------------------------
 
@@ -107,11 +108,30 @@ def fail(msg):
     sys.exit(f"train.py: {msg}" if master_process else 1)
 
 
-device_type = 'cuda' if 'cuda' in device else 'cpu'  # for autocast and memory pinning
-if device_type == 'cuda' and not torch.cuda.is_available():
-    fail(f"device='{device}' but this machine has no CUDA GPU: use --device=cpu --compile=False")
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype='{dtype}' is not one of 'float32', 'bfloat16', 'float16'")
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+checkpoint = None
+if init_from == 'resume':  # as in nanoGPT, the checkpoint defines the model: its shape wins over the settings
+    if not os.path.exists(ckpt_path):
+        fail(f"init_from='resume' but there is no {ckpt_path}: train one first, or set out_dir to the run to resume")
+    try:
+        model, checkpoint = load_checkpoint(ckpt_path, override_args=dict(dropout=dropout, flash_attn=flash_attn))
+    except ValueError as e:
+        fail(str(e))
+    if missing := [k for k in ('optimizer', 'iter_num', 'best_val_loss') if k not in checkpoint]:
+        fail(f"{ckpt_path} has no {', '.join(missing)}: it holds a model but not a training run to resume; sample from it instead")
+    shape = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'alibi')}
+    overridden = {k: v for k, v in shape.items() if v != config[k]}
+    if overridden and master_process:
+        print(f"resuming with the checkpoint's {', '.join(f'{k}={v}' for k, v in overridden.items())} "
+              f"(the settings said {', '.join(str(config[k]) for k in overridden)})")
+    n_layer, n_head, n_embd, block_size, bias, alibi = shape.values()
+    config.update(shape)
+
+try:
+    plan = runtime.setup(device, dtype, verbose=master_process)
+except ValueError as e:
+    fail(str(e))
+device, device_type, ctx = plan['device'], plan['device_type'], plan['ctx']
 if gradient_accumulation_steps % ddp_world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} cannot be divided among {ddp_world_size} "
          f"processes: use a multiple of {ddp_world_size}")
@@ -135,14 +155,6 @@ if master_process:
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
     os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)  # the same initial weights in every process
-if device_type == 'cuda':
-    torch.set_float32_matmul_precision('high')  # TF32 matmuls
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-# a CPU runs float32, or bfloat16 autocast where it has bf16 instructions (AVX512-BF16, AMX): twice the matmul speed
-cpu_bf16 = device_type == 'cpu' and dtype == 'bfloat16' and torch.cpu._is_avx512_bf16_supported()
-if cpu_bf16:
-    torch.backends.cuda.enable_flash_sdp(False)  # the switch for CPUs too: their flash kernel is slow backward in bf16
-ctx = torch.amp.autocast(device_type=device_type, dtype=ptdtype) if device_type == 'cuda' or cpu_bf16 else nullcontext()
 
 # data: token ids as uint16 in train.bin and val.bin
 data_dir = os.path.join('data', dataset)
@@ -168,7 +180,7 @@ def get_batch(split, starts, T):
     if (top := max(x.max(), y.max()).item()) >= model_args['vocab_size']:  # every batch: microseconds (README, Data)
         sys.exit(f"train.py: {data_dir}/{split}.bin holds token id {top}, past the model's vocab_size {model_args['vocab_size']}: "
                  f"the data and the vocabulary (meta.pkl, or the checkpoint's) do not match; re-create it with its prepare.py")
-    if device_type == 'cuda':
+    if plan['pin_memory']:
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
@@ -197,10 +209,8 @@ if os.path.exists(meta_path):
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta_vocab_size or 50304,  # GPT-2's 50257 rounded up for efficiency
                   dropout=dropout, flash_attn=flash_attn, alibi=alibi)
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 iter_num = 0
 best_val_loss = 1e9
-checkpoint = None
 try:
     if init_from == 'scratch':
         print("initializing a new model from scratch")
@@ -213,25 +223,8 @@ try:
             print(f"token embeddings start from {emb_path}")
         model = GPT(GPTConfig(**model_args), embedding_matrix=embedding_matrix)
     elif init_from == 'resume':
-        if not os.path.exists(ckpt_path):
-            fail(f"init_from='resume' but there is no {ckpt_path}: train one first, or set out_dir to the run to resume")
         print(f"resuming training from {out_dir}")
-        try:
-            checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-        except Exception as e:
-            fail(f"cannot load {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0]}): it is not a loadable checkpoint")
-        saved_args = {'alibi': False, **checkpoint['model_args']}  # nanoGPT's checkpoints predate ALiBi
-        shape_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'alibi')
-        differ = [k for k in shape_keys if saved_args[k] != model_args[k]]
-        if differ:
-            fail(f"{ckpt_path} holds a model with {', '.join(f'{k}={saved_args[k]}' for k in differ)} but the settings ask for "
-                 f"{', '.join(f'{k}={model_args[k]}' for k in differ)}: pass {' '.join(f'--{k}={saved_args[k]}' for k in differ)} "
-                 f"to resume it, or use another out_dir")
-        model = GPT(GPTConfig(**model_args))
-        try:
-            model.load_state_dict(clean_state_dict(checkpoint['model']))
-        except RuntimeError as e:
-            fail(f"{ckpt_path} does not fit its own model_args: {str(e).splitlines()[-1].strip()}")
+        model_args['vocab_size'] = model.config.vocab_size
         iter_num = checkpoint['iter_num']
         best_val_loss = float(checkpoint['best_val_loss'])  # a tensor in nanoGPT's checkpoints
     elif init_from.startswith('gpt2') or os.path.isdir(init_from):
@@ -256,7 +249,7 @@ raw_model = model  # the plain GPT: its state_dict has clean names, for checkpoi
 checkpoint_iter = iter_num if checkpoint is not None else None  # the iteration the checkpoint on disk holds
 
 # float16 needs loss scaling against underflowing gradients; a no-op otherwise
-scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16' and device_type == 'cuda'))
+scaler = runtime.grad_scaler(plan)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
@@ -367,6 +360,9 @@ def save_checkpoint():
 
 
 # training loop
+if master_process:  # MFU: achieved FLOP/s over this device's peak (left out where the peak is unknown)
+    peak_flops, peak_note = runtime.peak_flops(plan)
+    print(f"MFU against {peak_flops / 1e12:.3g} TFLOP/s ({peak_note})" if peak_flops else f"MFU not shown: {peak_note}")
 X, Y = get_train_batch(iter_num, 0)  # the first batch
 t0 = time.time()
 local_iter_num = 0  # iterations in this process's lifetime
@@ -431,12 +427,14 @@ while True:
         # the loss of the last micro-batch; .item() waits for the GPU, so only every log_interval
         lossf = loss.item() * gradient_accumulation_steps
         stop_on_nonfinite('loss', lossf)
-        if local_iter_num >= 5:  # let the first iterations (compilation, warm-up) pass
-            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
+        if local_iter_num >= 5 and peak_flops:  # let the first iterations (compilation, warm-up) pass
+            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         tokens_per_sec = tokens_per_iter / dt
-        print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%, {tokens_per_sec:.0f} tok/s")
-        log({'iter': iter_num, 'loss': lossf, 'time_ms': dt * 1000, 'mfu': running_mfu, 'tokens_per_sec': tokens_per_sec, 'lr': lr})
+        mfu_text = f", mfu {running_mfu * 100:.2f}%" if peak_flops else ''
+        print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms{mfu_text}, {tokens_per_sec:.0f} tok/s")
+        log({'iter': iter_num, 'loss': lossf, 'time_ms': dt * 1000, 'mfu': running_mfu if peak_flops else None,
+             'tokens_per_sec': tokens_per_sec, 'lr': lr})
     iter_num += 1
     local_iter_num += 1
 

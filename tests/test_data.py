@@ -295,3 +295,20 @@ def test_embeddings_from_a_trained_model_beat_random_ones(tmp_path, one_thread):
         train(pretrained, seed=2, steps=40, lr=1e-3)
         train(scratch, seed=2, steps=40, lr=1e-3)
         assert val_loss(pretrained) < val_loss(scratch) - 0.25, n_embd
+
+
+@pytest.mark.parametrize('script, writes', [
+    ('data/shakespeare_char/prepare.py', 'meta.pkl'), ('data/shakespeare/prepare.py', 'train.bin'),
+    ('data/openwebtext/prepare.py', 'train.bin'), ('data/fineweb/prepare.py', 'train.bin'),
+    ('data/text/prepare.py', 'train.bin'), ('data/openwebtext/embmatrix.py', 'emb_mat.pt'),
+])
+def test_data_scripts_answer_help_without_writing_anything(tmp_path, script, writes):
+    # a copy of data/'s scripts with no input.txt, as a new user has it: a run would download and write
+    shutil.copytree(os.path.join(ROOT, 'data'), tmp_path / 'data', ignore=shutil.ignore_patterns('*.bin', '*.pkl', '*.pt',
+                                                                                                  '*.txt', '__pycache__'))
+    before = sorted(p for p in tmp_path.rglob('*'))
+    result = subprocess.run([sys.executable, script, '--help'], cwd=tmp_path, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONDONTWRITEBYTECODE='1'), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith('usage: ') and writes in result.stdout  # what it does and what it writes
+    assert sorted(p for p in tmp_path.rglob('*')) == before

@@ -34,7 +34,7 @@ def project(tmp_path_factory):
 
 
 def run(project, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'eval_length.py'), '--device=cpu', *args],
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'eval_length.py'), '--device=cpu', '--dtype=float32', *args],
                           capture_output=True, text=True, cwd=project)
 
 
@@ -87,8 +87,8 @@ def test_bad_input_is_one_line(project):
     (['--lengths=0'], "lengths='0' is not a list of positive integers"),
     (['--num_tokens=0'], 'num_tokens=0 is not an integer >= 1'),
     (['--batch_tokens=-1'], 'batch_tokens=-1 is not an integer >= 1'),
-    (['--dtype=float64'], "dtype='float64' is not one of 'float32', 'bfloat16', 'float16'"),
-    (['--device=gpu'], "device='gpu' is not 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    (['--dtype=float64'], "dtype='float64' is not one of 'auto', 'float32', 'bfloat16', 'float16'"),
+    (['--device=gpu'], "device='gpu' is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     (['--dataset=odd'], 'data/odd/val.bin has an odd number of bytes'),
     (['--dataset=wide'], f'data/wide/val.bin holds token id {VOCAB}, past the model\'s vocab_size {VOCAB}'),
 ])

@@ -137,7 +137,7 @@ def test_long_contexts_are_cropped_from_the_left_unless_alibi(alibi):
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, 'hellaswag.py', '--device=cpu', *args],
+    return subprocess.run([sys.executable, 'hellaswag.py', '--device=cpu', '--dtype=float32', *args],
                           capture_output=True, text=True, cwd=ROOT)
 
 
@@ -172,8 +172,8 @@ def test_script_refuses_a_character_level_model(items_file, tmp_path):
 @pytest.mark.parametrize('args, fragment', [
     (['--batch_size=0'], 'batch_size=0 is not an integer >= 1'),
     (['--limit=0'], 'limit=0 is not an integer >= 1 (or None: all items)'),
-    (['--dtype=bf16'], "dtype='bf16' is not one of 'float32', 'bfloat16', 'float16'"),
-    (['--device=GPU'], "device='GPU' is not 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    (['--dtype=bf16'], "dtype='bf16' is not one of 'auto', 'float32', 'bfloat16', 'float16'"),
+    (['--device=GPU'], "device='GPU' is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
 ])
 def test_script_bad_settings_get_a_one_line_error(tmp_path, monkeypatch, args, fragment):
     import shutil
@@ -185,7 +185,7 @@ def train_repo(tmp_path, vocab_size=None):
     """A copy of the scripts with data/tiny: random tokens, of GPT-2's vocabulary unless a meta.pkl says otherwise."""
     import shutil
     import numpy as np
-    for name in ('train.py', 'model.py', 'configurator.py', 'hellaswag.py'):
+    for name in ('train.py', 'model.py', 'configurator.py', 'hellaswag.py', 'runtime.py'):
         shutil.copy(ROOT + '/' + name, tmp_path)
     data = tmp_path / 'data' / 'tiny'
     data.mkdir(parents=True)

@@ -176,7 +176,7 @@ def write_checkpoint(path, model, dataset, nanogpt_style=False):
 @pytest.fixture
 def workdir(tmp_path):
     """A directory to run sample.py in, as from a repo root, with its own data/ and out/."""
-    for name in ('sample.py', 'model.py', 'configurator.py'):
+    for name in ('sample.py', 'model.py', 'configurator.py', 'runtime.py'):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     return tmp_path
 
@@ -280,8 +280,8 @@ def test_temperature_zero_gives_the_argmax_samples_every_time(char_workdir, monk
     (['--top_p=1.5'], 'top_p=1.5 is not in (0, 1]'),
     (['--top_p=-0.1'], 'top_p=-0.1 is not in (0, 1]'),
     (['--top_p=high'], "top_p='high' is not in (0, 1]"),
-    (['--dtype=fp16'], "dtype='fp16' is not one of 'float32', 'bfloat16', 'float16'"),
-    (['--device=gpu'], "device='gpu' is not 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    (['--dtype=fp16'], "dtype='fp16' is not one of 'auto', 'float32', 'bfloat16', 'float16'"),
+    (['--device=gpu'], "device='gpu' is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     (['--init_from=gtp2'], "init_from must be 'resume', a GPT-2 variant"),
 ])
 def test_bad_settings_get_a_one_line_error(char_workdir, monkeypatch, args, fragment):

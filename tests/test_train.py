@@ -21,6 +21,10 @@ TINY = ['--device=cpu', '--compile=False', '--dtype=float32', '--dataset=tiny', 
         '--warmup_iters=2', '--lr_decay_iters=40', '--dropout=0.1']
 
 
+SHAPE = ('--n_layer=', '--n_head=', '--n_embd=', '--block_size=', '--bias=')
+NANOGPT = os.path.join(os.path.dirname(ROOT), 'shared', 'reference', 'nanoGPT')  # the original's scripts, if here
+
+
 def write_bins(directory, train, val):
     os.makedirs(directory, exist_ok=True)
     np.asarray(train, dtype=np.uint16).tofile(os.path.join(directory, 'train.bin'))
@@ -32,7 +36,7 @@ def write_bins(directory, train, val):
 @pytest.fixture
 def repo(tmp_path):
     """A copy of the scripts with data/tiny: a random 50-token phrase repeated, so there is something to learn."""
-    for name in ('train.py', 'model.py', 'configurator.py'):
+    for name in ('train.py', 'model.py', 'configurator.py', 'runtime.py'):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     phrase = np.random.default_rng(0).integers(0, VOCAB, 50)
     write_bins(tmp_path / 'data' / 'tiny', np.tile(phrase, 80), np.tile(phrase, 10))
@@ -100,7 +104,12 @@ def test_resume_reproduces_the_uninterrupted_run(repo):
     run(repo, *TINY, '--max_iters=12', '--eval_interval=6', '--out_dir=straight')
     run(repo, *TINY, '--max_iters=6', '--eval_interval=6', '--out_dir=stopped')
     assert load_ckpt(repo / 'stopped' / 'ckpt.pt')['iter_num'] == 6
-    run(repo, *TINY, '--max_iters=12', '--eval_interval=6', '--out_dir=stopped', '--init_from=resume')
+    # as nanoGPT, without the shape settings: the checkpoint's shape wins over the defaults, and says so
+    settings = [arg for arg in TINY if not arg.startswith(SHAPE)]
+    resumed = run(repo, *settings, '--max_iters=12', '--eval_interval=6', '--out_dir=stopped', '--init_from=resume')
+    assert ("resuming with the checkpoint's n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True "
+            "(the settings said 12, 12, 768, 1024, False)\n") in resumed.stdout
+    assert load_ckpt(repo / 'stopped' / 'ckpt.pt')['config']['n_layer'] == 2
     straight, resumed = read_log(repo, 'straight'), read_log(repo, 'stopped')
     assert iter_losses(resumed) == iter_losses(straight)  # dropout is on: its randomness must resume too
     assert [r for r in resumed if 'step' in r][-1] == [r for r in straight if 'step' in r][-1]
@@ -110,7 +119,7 @@ def test_resume_reproduces_the_uninterrupted_run(repo):
 
 
 def test_cpu_bfloat16_trains_as_well_as_float32(repo):
-    """dtype='bfloat16', the default on a CPU, autocasts where the CPU has bf16 instructions (float32 elsewhere)."""
+    """dtype='bfloat16' (what 'auto' picks on a CPU with bf16 instructions) autocasts there, float32 elsewhere."""
     for dtype in ('float32', 'bfloat16'):
         run(repo, *TINY, f'--dtype={dtype}', '--max_iters=30', '--eval_interval=30', f'--out_dir={dtype}')
     f32, bf16 = ([r['val_loss'] for r in read_log(repo, d) if 'step' in r] for d in ('float32', 'bfloat16'))
@@ -269,7 +278,7 @@ def error_of(repo, monkeypatch, *args):
     (['--eval_block_size=0'], ['eval_block_size must be a positive int']),
     (['--pre_trained_embs=True'], ['no data/tiny/emb_mat.pt', 'python data/openwebtext/embmatrix.py']),
     (['--init_from=gtp2'], ["init_from='gtp2' is not"]),
-    (['--dtype=float8'], ["dtype='float8' is not one of 'float32', 'bfloat16', 'float16'"]),
+    (['--dtype=float8'], ["dtype='float8' is not one of 'auto', 'float32', 'bfloat16', 'float16'"]),
     (['--batch_size=0'], ['batch_size=0 is not an integer >= 1']),
     (['--batch_size=None'], ['batch_size=None is not an integer >= 1']),
     (['--block_size=-16'], ['block_size=-16 is not an integer >= 1']),
@@ -294,8 +303,8 @@ def error_of(repo, monkeypatch, *args):
     (['--dropout=-0.1'], ['dropout=-0.1 is not in [0, 1)']),
     (['--beta1=1.0'], ['beta1=1.0 is not in [0, 1)']),
     (['--beta2=1.5'], ['beta2=1.5 is not in [0, 1)']),
-    (['--device=gpu'], ["device='gpu' is not 'cpu', 'cuda', 'cuda:N' or 'mps'"]),
-    (['--device=cuda:x'], ["device='cuda:x' is not 'cpu', 'cuda', 'cuda:N' or 'mps'"]),
+    (['--device=gpu'], ["device='gpu' is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"]),
+    (['--device=cuda:x'], ["device='cuda:x' is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"]),
     (['--out_dir='], ["out_dir='' is not a directory name"]),
 ])
 def test_bad_settings_get_a_one_line_error(repo, monkeypatch, args, fragments):
@@ -322,7 +331,10 @@ def test_bad_data_files_get_a_one_line_error_naming_the_file(repo, monkeypatch, 
 def test_resume_on_a_dataset_of_another_vocabulary(repo, monkeypatch):
     model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB, dropout=0.1)
     os.makedirs(repo / 'out')
-    torch.save({'model': GPT(GPTConfig(**model_args)).state_dict(), 'model_args': model_args}, repo / 'out' / 'ckpt.pt')
+    model = GPT(GPTConfig(**model_args))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    torch.save({'model': model.state_dict(), 'model_args': model_args, 'optimizer': optimizer.state_dict(),
+                'iter_num': 0, 'best_val_loss': 1e9}, repo / 'out' / 'ckpt.pt')
     tokens = np.random.default_rng(0).integers(0, 2 * VOCAB, 1000)
     write_bins(repo / 'data' / 'wide', tokens, tokens[:200])
     with open(repo / 'data' / 'wide' / 'meta.pkl', 'wb') as f:
@@ -332,18 +344,53 @@ def test_resume_on_a_dataset_of_another_vocabulary(repo, monkeypatch):
     assert f'vocab_size={VOCAB}' in message or f"data/wide/train.bin holds token id" in message, message
 
 
+def test_resume_refuses_a_checkpoint_of_weights_only(repo, monkeypatch):
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB, dropout=0.1)
+    os.makedirs(repo / 'out')
+    torch.save({'model': GPT(GPTConfig(**model_args)).state_dict(), 'model_args': model_args}, repo / 'out' / 'ckpt.pt')
+    assert 'out/ckpt.pt has no optimizer, iter_num, best_val_loss' in error_of(repo, monkeypatch, '--init_from=resume')
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
 def test_cuda_device_without_a_gpu(repo, monkeypatch):
     assert '--device=cpu' in error_of(repo, monkeypatch, '--device=cuda')
 
 
-def test_resume_with_other_shapes_names_the_differences(repo, monkeypatch):
-    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB, dropout=0.1)
+@pytest.mark.skipif(not os.path.isdir(NANOGPT), reason=f'the original nanoGPT is not at {NANOGPT}')
+def test_resumes_a_checkpoint_written_by_the_original_nanogpt(repo, tmp_path):
+    original = tmp_path / 'nanogpt'  # the original's scripts beside our tiny data
+    original.mkdir()
+    for name in ('train.py', 'model.py', 'configurator.py'):
+        shutil.copy(os.path.join(NANOGPT, name), original)
+    shutil.copytree(repo / 'data', original / 'data')
+    run(original, '--device=cpu', '--compile=False', '--dtype=float32', '--dataset=tiny', '--out_dir=out', '--n_layer=2',
+        '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2',
+        '--eval_interval=4', '--max_iters=4', '--learning_rate=1e-2', '--warmup_iters=2', '--lr_decay_iters=40')
     os.makedirs(repo / 'out')
-    torch.save({'model': GPT(GPTConfig(**model_args)).state_dict(), 'model_args': model_args}, repo / 'out' / 'ckpt.pt')
-    message = error_of(repo, monkeypatch, '--init_from=resume', '--n_layer=3', '--n_embd=48')
-    assert 'out/ckpt.pt holds a model with n_layer=2, n_embd=32 but the settings ask for n_layer=3, n_embd=48' in message
-    assert '--n_layer=2 --n_embd=32' in message
+    shutil.copy(original / 'out' / 'ckpt.pt', repo / 'out' / 'ckpt.pt')  # iter 4, best_val_loss a tensor
+
+    # nanoGPT's own command: the checkpoint's shape (nanoGPT's default bias=False too) over our defaults
+    settings = [arg for arg in TINY if not arg.startswith(SHAPE)]
+    result = run(repo, *settings, '--max_iters=8', '--eval_interval=4', '--init_from=resume')
+    assert ("resuming with the checkpoint's n_layer=2, n_head=2, n_embd=32, block_size=16 "
+            "(the settings said 12, 12, 768, 1024)\n") in result.stdout
+    records = read_log(repo)
+    assert sorted(iter_losses(records)) == [4, 5, 6, 7]
+    assert [r['step'] for r in records if 'step' in r] == [4, 8]
+
+    # the weights nanoGPT saved give our model the logits they give nanoGPT's own
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('nanogpt_model', original / 'model.py')
+    nanogpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nanogpt)
+    ckpt = load_ckpt(original / 'out' / 'ckpt.pt')
+    theirs = nanogpt.GPT(nanogpt.GPTConfig(**ckpt['model_args'])).eval()
+    theirs.load_state_dict(ckpt['model'])
+    from model import load_checkpoint
+    ours = load_checkpoint(original / 'out' / 'ckpt.pt')[0].eval()
+    x = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, x)[0], theirs(x, x)[0], rtol=0, atol=1e-4)
 
 
 def test_block_size_larger_than_the_pretrained_model(repo, monkeypatch, hf_dir):

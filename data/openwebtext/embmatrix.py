@@ -12,9 +12,6 @@ import itertools
 import os
 import sys
 
-import numpy as np
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from token_bins import fail, gpt2_encoding
 
@@ -28,6 +25,9 @@ parser.add_argument('--seed', type=int, default=1337, help="seed of the random r
 args = parser.parse_args()
 if not args.out or os.path.isdir(args.out):
     fail(f"--out={args.out!r} is not a file name, e.g. data/openwebtext/emb_mat.pt")
+
+import numpy as np  # after the arguments: --help stays quick
+import torch
 
 enc = gpt2_encoding()
 vocab_size = enc.n_vocab  # 50257

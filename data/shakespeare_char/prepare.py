@@ -4,12 +4,14 @@ token. Writes train.bin and val.bin (uint16 token ids; the first 90% of the text
 meta.pkl (vocab_size, and the itos/stoi maps that sample.py decodes and encodes with), in the same
 layout as nanoGPT. Downloads input.txt first when it is not beside this script.
 """
+import argparse
 import os
 import pickle
 import sys
 
 import numpy as np
 
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 here = os.path.dirname(os.path.abspath(__file__))
 input_path = os.path.join(here, 'input.txt')
 if not os.path.exists(input_path):

@@ -1,0 +1,162 @@
+"""
+What every script needs from the machine, decided in one place: the device ('auto': a CUDA GPU, else
+Apple's MPS, else the CPU), the precision and its autocast context, loss scaling for float16, TF32,
+synchronisation for timings, and the peak FLOP/s that MFU is measured against.
+    plan = runtime.setup(device, dtype)   # prints one line saying what runs where, in what precision
+    with plan['ctx']:
+        logits, loss = model(X, Y)
+device_plan() makes the decisions from what the machine has, passed in, so that CUDA, MPS and CPU
+are all tested on any machine.
+"""
+import time
+from contextlib import ExitStack, nullcontext
+from functools import lru_cache
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+# dense bfloat16/float16 tensor-core FLOP/s (no sparsity; fp32 accumulate), by a part of torch.cuda.get_device_name;
+# the first match wins, so a name comes before the names it is part of ('A100' before 'A10')
+GPU_PEAK_FLOPS = [
+    ('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12), ('B200', 2250e12),
+    ('A100', 312e12), ('A10G', 70e12), ('A10', 125e12), ('A6000', 155e12), ('A40', 150e12),
+    ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12),
+    ('RTX 4090', 165e12), ('RTX 3090 Ti', 80e12), ('RTX 3090', 71e12), ('V100', 125e12), ('T4', 65e12),
+]
+
+
+def cpu_has_bf16():
+    """Whether the CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX-BF16), read from Linux's
+    /proc/cpuinfo. False where there is no such file (macOS, Windows): those CPUs run float32."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line.split() for line in f if line.startswith('flags')), [])
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+def device_plan(device, dtype, has_cuda, cuda_bf16, has_mps, mps_bf16, cpu_bf16):
+    """How a script runs, from its device and dtype settings and what the machine has. Returns a dict:
+    device; device_type ('cuda', 'mps' or 'cpu'); dtype, the precision the math runs in; autocast, the
+    torch dtype to autocast to (None: plain float32); scaler, whether the loss needs scaling (float16);
+    pin_memory; why, a few words on the choice. Raises ValueError, one line naming the fix, for a
+    device or dtype this machine cannot run."""
+    picked = device == 'auto'
+    if picked:
+        device = 'cuda' if has_cuda else 'mps' if has_mps else 'cpu'
+    device_type = device.split(':')[0]
+    if device_type not in ('cuda', 'mps', 'cpu'):
+        raise ValueError(f"device='{device}' is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if device_type == 'cuda' and not has_cuda:
+        raise ValueError(f"device='{device}' but this machine has no CUDA GPU: use --device=auto or --device=cpu")
+    if device_type == 'mps' and not has_mps:
+        raise ValueError(f"device='{device}' but MPS is not available here (it needs an Apple-silicon Mac and torch "
+                         f"built with MPS): use --device=auto or --device=cpu")
+    if dtype != 'auto' and dtype not in DTYPES:
+        raise ValueError(f"dtype='{dtype}' is not one of 'auto', 'float32', 'bfloat16', 'float16'")
+    why = ["picked by device='auto'"] if picked else []
+    if device_type == 'cuda':
+        if dtype == 'bfloat16' and not cuda_bf16:
+            raise ValueError("dtype='bfloat16' but this GPU has no bfloat16 (it predates Ampere): use --dtype=float16")
+        if dtype == 'auto':
+            dtype = 'bfloat16' if cuda_bf16 else 'float16'  # float16 with loss scaling on GPUs before Ampere
+    elif device_type == 'mps':
+        if dtype == 'bfloat16' and not mps_bf16:
+            raise ValueError("dtype='bfloat16' on MPS needs macOS 14 or newer: use --dtype=float16 or float32")
+        if dtype == 'auto':
+            dtype = 'float32'  # as nanoGPT runs on a Mac; autocast is opt-in, its gain varies from chip to chip
+            why.append("--dtype=float16 or bfloat16 for autocast")
+    else:  # a CPU autocasts to bfloat16 only where it has the instructions: twice the matmul speed there
+        if dtype == 'auto':
+            dtype = 'bfloat16' if cpu_bf16 else 'float32'
+        elif dtype == 'bfloat16' and not cpu_bf16:
+            dtype = 'float32'
+            why.append("this CPU has no bfloat16 instructions (AVX512-BF16 or AMX)")
+        elif dtype == 'float16':
+            dtype = 'float32'
+            why.append("float16 on a CPU is emulated, slower than float32")
+    autocast = None if dtype == 'float32' else DTYPES[dtype]
+    return dict(device=device, device_type=device_type, dtype=dtype, autocast=autocast,
+                scaler=autocast is torch.float16, pin_memory=device_type == 'cuda', why='; '.join(why))
+
+
+class Autocast:
+    """torch.autocast, re-enterable as scripts enter it at every step; on a CPU also the math attention
+    kernel, as CPU flash attention runs its bfloat16 backward 2-3x slower."""
+
+    def __init__(self, device_type, dtype):
+        self.device_type, self.dtype = device_type, dtype
+
+    def __enter__(self):
+        self.stack = ExitStack()
+        self.stack.enter_context(torch.autocast(self.device_type, dtype=self.dtype))
+        if self.device_type == 'cpu':
+            self.stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return self
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
+
+
+def setup(device, dtype, verbose=True):
+    """device_plan for this machine, plus 'ctx', the autocast context for forward passes. Turns on TF32
+    matmuls on CUDA. Prints the plan in one line when verbose. Raises ValueError as device_plan does."""
+    has_cuda, has_mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    plan = device_plan(device, dtype, has_cuda, has_cuda and torch.cuda.is_bf16_supported(),
+                       has_mps, has_mps and torch.backends.mps.is_macos_or_newer(14, 0), cpu_has_bf16())
+    if plan['device_type'] == 'cuda':
+        torch.set_float32_matmul_precision('high')  # TF32 for float32 matmuls: Ampere's tensor cores, ~1e-3 error
+    plan['ctx'] = Autocast(plan['device_type'], plan['autocast']) if plan['autocast'] else nullcontext()
+    if verbose:
+        name = f" ({torch.cuda.get_device_name(plan['device'])})" if plan['device_type'] == 'cuda' else ''
+        precision = f"{plan['dtype']} autocast" if plan['autocast'] else 'float32'
+        print(f"device {plan['device']}{name}, {precision}" + (f" ({plan['why']})" if plan['why'] else ''))
+    return plan
+
+
+def grad_scaler(plan):
+    """The loss scaler for float16 training (its gradients underflow without); a no-op otherwise."""
+    return torch.amp.GradScaler(plan['device_type'], enabled=plan['scaler'])
+
+
+def synchronize(device_type):
+    """Waits for the device to finish its queued work, so that a timing covers it."""
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    elif device_type == 'mps':
+        torch.mps.synchronize()
+
+
+def peak_flops(plan):
+    """(FLOP/s, what it is) that MFU is measured against: a GPU's dense bf16/fp16 tensor peak from
+    GPU_PEAK_FLOPS; on a CPU or MPS, measured now. (None, why) for a GPU not in the table."""
+    if plan['device_type'] == 'cuda':
+        name = torch.cuda.get_device_name(plan['device'])
+        peak = gpu_peak_flops(name)
+        return (peak, f"{name}'s bf16/fp16 peak") if peak else (None, f"no known peak for {name}")
+    dtype = plan['autocast'] or torch.float32
+    return measured_peak_flops(plan['device'], dtype), f"measured just now: {str(dtype)[6:]} matmul"
+
+
+def gpu_peak_flops(name):
+    """The dense bf16/fp16 FLOP/s of the GPU named name (as torch.cuda.get_device_name gives it), or None."""
+    return next((flops for part, flops in GPU_PEAK_FLOPS if part in name), None)
+
+
+@lru_cache
+def measured_peak_flops(device, dtype, n=1024, seconds=0.3):
+    """FLOP/s of the fastest of a few n x n matrix products on the device, in dtype (about 0.3 s)."""
+    device_type = torch.device(device).type
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm up
+    best, start = float('inf'), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        synchronize(device_type)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device_type)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
