@@ -190,3 +190,10 @@ def test_character_level_export_keeps_meta_pkl_as_its_vocabulary(repo, monkeypat
     x = ids(16, len(chars))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, full_logits(model, x), rtol=1e-5, atol=1e-4)
+    # sample.py from the export decodes with the copied meta.pkl: greedy, our model's characters
+    result = run(repo, 'sample.py', '--init_from=hf', '--device=cpu', '--dtype=float32', '--start=hello',
+                 '--temperature=0', '--num_samples=1', '--max_new_tokens=8')
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = torch.tensor([[meta['stoi'][c] for c in 'hello']])
+    expected = ''.join(meta['itos'][i] for i in model.generate(start, 8, temperature=0)[0].tolist())
+    assert expected in result.stdout
