@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 
@@ -120,6 +121,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor, two uses
         self._attn_bias_cache = {}  # (device, dtype) -> (n_head or 1, L, L) additive attention bias
+        self.gradient_checkpointing = False  # True: training keeps only each Block's input and recomputes the rest in backward
 
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down by 1/sqrt(2 * n_layer)
@@ -191,7 +193,11 @@ class GPT(nn.Module):
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
         attn_bias = self.attention_bias(t, pos + t, device, dtype)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, attn_bias, None if kv_cache is None else kv_cache[i], pos)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # recomputed with the RNG state of the forward, so dropout drops the same units
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_bias, use_reentrant=False)
+            else:
+                x = block(x, attn_bias, None if kv_cache is None else kv_cache[i], pos)
         x = self.transformer.ln_f(x)
 
         if targets is not None and not return_logits:

@@ -330,3 +330,31 @@ def test_kv_cache_in_chunks_equals_one_forward(flash, alibi):
     model(idx[:, 8:13], kv_cache=kv_cache, pos=8)  # several new positions at once: the mask must be offset
     last, _ = model(idx[:, 13:], kv_cache=kv_cache, pos=13)
     assert (last[:, -1] - full[:, -1]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize('flash', [True, False])
+@pytest.mark.parametrize('dropout', [0.0, 0.2])
+def test_gradient_checkpointing_gives_the_same_gradients_and_saves_less(dropout, flash):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=32, dropout=dropout, flash_attn=flash))
+    x, y = torch.randint(0, 32, (4, 16)), torch.randint(0, 32, (4, 16))
+
+    def gradients_and_saved_bytes(checkpointing, seed=1):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        torch.manual_seed(seed)  # decides the dropout masks
+        saved = []  # what autograd keeps for backward: activations, but also the weights the matmuls need
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            _, loss = model(x, y)
+        loss.backward()
+        weights = {p.data_ptr() for p in model.parameters()}
+        activations = {t.data_ptr(): t.untyped_storage().nbytes() for t in saved if t.data_ptr() not in weights}
+        return [p.grad.clone() for p in model.parameters()], sum(activations.values())
+
+    plain, plain_bytes = gradients_and_saved_bytes(False)
+    recomputed, recomputed_bytes = gradients_and_saved_bytes(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, recomputed))
+    assert recomputed_bytes < plain_bytes / 2
+    if dropout:  # the masks matter, so the equality above needs the recomputation to redraw the same ones
+        other_masks, _ = gradients_and_saved_bytes(False, seed=2)
+        assert not all(torch.equal(a, b) for a, b in zip(plain, other_masks))
