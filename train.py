@@ -311,7 +311,7 @@ def estimate_loss():
         for k in range(eval_iters):
             X, Y = get_batch(split, starts[k * batch_size:(k + 1) * batch_size], eval_block_size)
             with ctx:
-                logits, loss = model(X, Y)
+                _, loss = model(X, Y, return_logits=False)  # the loss alone: no (B, T, vocab) logits tensor
             losses[k] = loss.item()
         out[split] = losses.mean().item()
     model.train()
@@ -428,7 +428,7 @@ while True:
             raw_model.set_requires_gradient_sync(last)
         with (model.no_sync() if ddp and not fsdp and not last else nullcontext()):
             with ctx:
-                logits, loss = model(X, Y)
+                _, loss = model(X, Y, return_logits=False)
                 loss = loss / gradient_accumulation_steps  # the accumulated gradient is the batch mean
             # fetch the next micro-batch while the GPU works on this one
             X, Y = get_train_batch(iter_num + 1, 0) if last else get_train_batch(iter_num, micro_step + 1)

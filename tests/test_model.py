@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, alibi_slopes, clean_state_dict, fit_embedding_matrix
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, alibi_slopes, chunked_cross_entropy, chunked_loss, clean_state_dict, fit_embedding_matrix
 
 
 def tiny_config(**kw):
@@ -241,6 +243,56 @@ def test_forward_without_targets_returns_last_position():
     logits, loss = model(idx)
     assert loss is None and logits.shape == (2, 1, 96)
     assert torch.allclose(logits[:, 0], model(idx, idx)[0][:, -1], atol=1e-6)
+
+
+def test_chunked_cross_entropy_equals_f_cross_entropy_forward_and_backward():
+    torch.manual_seed(0)
+    x, weight = torch.randn(50, 16, requires_grad=True), torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    targets[::7] = -1  # ignored, as in hellaswag's targets
+    expected = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
+    grad_x, grad_w = torch.autograd.grad(expected * 0.25, (x, weight))  # * 0.25: a gradient accumulation step
+    loss = chunked_cross_entropy(x, weight, targets)
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(torch.autograd.grad(loss * 0.25, (x, weight)), (grad_x, grad_w)))
+    for rows in (1, 7, 50):  # chunks that do and do not divide the rows
+        chunk_loss, chunk_grad_x, chunk_grad_w = chunked_loss(x.detach(), weight.detach(), targets, True, chunk_rows=rows)
+        assert torch.allclose(chunk_loss, expected, rtol=1e-6)
+        assert torch.allclose(chunk_grad_x * 0.25, grad_x, rtol=1e-5, atol=1e-8)
+        assert torch.allclose(chunk_grad_w * 0.25, grad_w, rtol=1e-5, atol=1e-8)
+    with torch.no_grad():
+        assert torch.allclose(chunked_cross_entropy(x, weight, targets), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_loss_without_logits_equals_the_plain_loss(autocast):
+    """train.py's return_logits=False: the same loss and gradients (the tied wte/lm_head weight too), also
+    under bfloat16 autocast, where both run the output layer in bfloat16."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx, targets = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
+    results = []
+    for return_logits in (True, False):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            logits, loss = model(idx, targets, return_logits=return_logits)
+        results.append((loss.float(), torch.autograd.grad(loss, list(model.parameters()))))
+        assert (logits is None) == (not return_logits)
+    (plain, plain_grads), (chunked, chunked_grads) = results
+    tol = dict(rtol=2e-2, atol=1e-4) if autocast else dict(rtol=1e-5, atol=1e-7)
+    assert torch.allclose(chunked, plain, **tol)
+    assert all(torch.allclose(a, b, **tol) for a, b in zip(chunked_grads, plain_grads))
+
+
+def test_loss_without_logits_under_torch_compile():
+    """Dynamo traces the chunked loss's autograd.Function (aot_eager: the tracing without inductor's C++ build)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx, targets = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
+    _, expected = model(idx, targets)
+    _, loss = torch.compile(model, backend='aot_eager')(idx, targets, return_logits=False)
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad(loss, list(model.parameters())), torch.autograd.grad(expected, list(model.parameters()))):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_generate_top_k_samples_only_from_top_k():
