@@ -144,7 +144,7 @@ if compile:
 
 def train_step(X, Y):
     with ctx:
-        logits, loss = model(X, Y)
+        _, loss = model(X, Y, return_logits=False)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)

@@ -1,70 +1,111 @@
 """
-Times train.py's whole loop on the CPU quick-start shape twice, one run after the other: as it runs by
-default, and with its CPU speed-ups turned off (float32 instead of bfloat16 autocast, and OpenMP
-threads that spin ~3 ms while they wait, libgomp's default, instead of ~10 us). Prints ms/iteration,
-tokens/s and the final val loss of each run, and how much faster the default is.
-    python data/shakespeare_char/prepare.py && python bench_train.py
-    python bench_train.py --max_iters=200 --repeats=3   # quicker; the runs alternate, medians reported
-    python bench_train.py --compile=True                # also a compiled run, and its compile time
+Times train.py's whole loop on a CPU at three shapes, the runs alternating: as it runs by default, with its
+CPU speed-ups off (float32 instead of bfloat16 autocast; OpenMP threads that spin ~3 ms while they wait,
+libgomp's default, instead of ~10 us), and, given a checkout of the original nanoGPT, its train.py with the
+same flags. Prints each run's median ms/iteration and final val loss, then per shape the median and spread
+(min-max) over the repeats and the ratios. The shapes:
+  quick   README's CPU quick start: 4 layers, 4 heads, 128 wide, block 64, batch 12 (65 characters)
+  char    config/train_shakespeare_char.py as it is: 6/6/384, block 256, batch 64, dropout 0.2
+  gpt2    GPT-2's vocabulary (50304): 4/4/128, block 128, batch 8, on data/text (prepared from any English text)
+    python data/shakespeare_char/prepare.py
+    python data/text/prepare.py $(python -c "import pydoc_data.topics as t; print(t.__file__)")  # for gpt2
+    python bench_train.py --nanogpt_dir=../nanoGPT --repeats=3
+    python bench_train.py --shapes=quick --quick_iters=200   # quicker: one shape, fewer iterations
 """
-import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 # -----------------------------------------------------------------------------
-max_iters = 2000
-repeats = 1  # runs of each kind, alternating; on a shared machine more repeats give steadier medians
-compile = False  # also time the default run with --compile=True
+shapes = 'quick,char,gpt2'  # which shapes to time, comma-separated
+quick_iters = 2000  # iterations of each run, per shape: the quick start runs whole, the others a sample
+char_iters = 20
+gpt2_iters = 50
+repeats = 3  # runs of each kind, alternating; the median and spread over them are reported
+nanogpt_dir = ''  # a checkout of github.com/karpathy/nanoGPT, to time its train.py too
 exec(open('configurator.py').read())
-check('max_iters', lambda v: v >= 6, 'an integer >= 6 (the first 5 iterations are not timed)')
+for name in ('quick_iters', 'char_iters', 'gpt2_iters'):
+    check(name, lambda v: v >= 6, 'an integer >= 6 (the first 5 iterations are not timed)')
 check('repeats', lambda v: v >= 1, 'an integer >= 1')
 # -----------------------------------------------------------------------------
 prog = 'bench_train.py'
-if not os.path.exists(os.path.join('data', 'shakespeare_char', 'train.bin')):
-    sys.exit(f"{prog}: no data/shakespeare_char/train.bin: run python data/shakespeare_char/prepare.py first")
+SHAPES = {
+    'quick': ('shakespeare_char', quick_iters, ['config/train_shakespeare_char.py', '--eval_iters=20',
+                                                f'--eval_interval={min(250, quick_iters)}', '--block_size=64',
+                                                '--batch_size=12', '--n_layer=4', '--n_head=4', '--n_embd=128', '--dropout=0.0']),
+    'char': ('shakespeare_char', char_iters, ['config/train_shakespeare_char.py', '--eval_iters=10', f'--eval_interval={char_iters}']),
+    'gpt2': ('text', gpt2_iters, ['--dataset=text', '--eval_iters=10', f'--eval_interval={gpt2_iters}', '--block_size=128',
+                                  '--batch_size=8', '--n_layer=4', '--n_head=4', '--n_embd=128', '--dropout=0.0',
+                                  '--gradient_accumulation_steps=1', '--learning_rate=1e-3', '--warmup_iters=10']),
+}
+chosen = shapes.split(',')
+for shape in chosen:
+    if shape not in SHAPES:
+        sys.exit(f"{prog}: unknown shape '{shape}' in --shapes={shapes}: choose from {','.join(SHAPES)}")
+    path = os.path.join('data', SHAPES[shape][0], 'train.bin')
+    if not os.path.exists(path):
+        sys.exit(f"{prog}: no {path} for the {shape} shape: run python data/{SHAPES[shape][0]}/prepare.py first (see --help)")
+if nanogpt_dir and not os.path.exists(os.path.join(nanogpt_dir, 'train.py')):
+    sys.exit(f"{prog}: no train.py in nanogpt_dir={nanogpt_dir}: point it at a checkout of the original nanoGPT")
 
-quick_start = ['config/train_shakespeare_char.py', '--device=cpu', '--compile=False', '--eval_iters=20',
-               '--log_interval=1', '--block_size=64', '--batch_size=12', '--n_layer=4', '--n_head=4',
-               '--n_embd=128', '--dropout=0.0', f'--max_iters={max_iters}', f'--lr_decay_iters={max_iters}']
-# name: (environment, extra settings); GOMP_SPINCOUNT=300000 is libgomp's own default
-runs = {'default': ({}, []),
-        'speed-ups off': ({'GOMP_SPINCOUNT': '300000'}, ['--dtype=float32'])}
-if compile:
-    runs['default, compiled'] = ({}, ['--compile=True'])
+# kind: (environment, extra flags); GOMP_SPINCOUNT=300000 is libgomp's own default
+kinds = {'ours': ({}, []), 'ours, speed-ups off': ({'GOMP_SPINCOUNT': '300000'}, ['--dtype=float32'])}
+if nanogpt_dir:
+    kinds['nanoGPT'] = ({}, [])
 
 
-def time_run(name, env, args, out_dir):
-    """Runs train.py; returns its median ms/iteration (past the first 5), final val loss, wall seconds and
-    the seconds beyond the iterations at that median pace."""
-    t0 = time.time()
-    result = subprocess.run([sys.executable, 'train.py', *quick_start, *args, f'--out_dir={out_dir}'],
-                            env={**os.environ, **env}, capture_output=True, text=True)
-    wall = time.time() - t0
+def cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or 'unknown CPU'
+
+
+def time_run(kind, shape, tmp):
+    """Runs one train.py; returns the median ms/iteration (past the first 5) and the final val loss, read
+    from the iter and step lines that ours and nanoGPT print alike."""
+    dataset, iters, flags = SHAPES[shape]
+    env, extra = kinds[kind]
+    cwd = os.path.join(tmp, 'nanogpt') if kind == 'nanoGPT' else '.'
+    args = [*flags, '--device=cpu', '--compile=False', '--log_interval=1', f'--max_iters={iters}',
+            f'--lr_decay_iters={iters}', f'--out_dir={os.path.join(tmp, "out")}', *extra]
+    result = subprocess.run([sys.executable, 'train.py', *args], cwd=cwd, env={**os.environ, **env},
+                            capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(f"{prog}: the '{name}' run failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        records = [json.loads(line) for line in f]
-    iter_ms = [r['time_ms'] for r in records if 'iter' in r]
-    val_loss = [r['val_loss'] for r in records if 'step' in r][-1]
-    ms = statistics.median(iter_ms[5:])
-    return ms, val_loss, wall, wall - ms * len(iter_ms) / 1000  # the last: startup, evals and compiling
+        sys.exit(f"{prog}: the {kind} run of {shape} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    iter_ms = [float(ms) for ms in re.findall(r'^iter \d+: .*time ([\d.]+)ms', result.stdout, re.M)]
+    val_loss = float(re.findall(r'^step \d+: .*val loss ([\d.]+)', result.stdout, re.M)[-1])
+    return statistics.median(iter_ms[5:]), val_loss
 
 
-tokens_per_iter = 12 * 64
-results = {name: [] for name in runs}
+print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+results = {(shape, kind): [] for shape in chosen for kind in kinds}
 with tempfile.TemporaryDirectory() as tmp:
+    if nanogpt_dir:  # a copy of its scripts that reads our token bins
+        shutil.copytree(nanogpt_dir, os.path.join(tmp, 'nanogpt'), ignore=shutil.ignore_patterns('data', '.git', 'out*'))
+        for dataset in {SHAPES[shape][0] for shape in chosen}:
+            os.makedirs(os.path.join(tmp, 'nanogpt', 'data'), exist_ok=True)
+            os.symlink(os.path.abspath(os.path.join('data', dataset)), os.path.join(tmp, 'nanogpt', 'data', dataset))
     for repeat in range(repeats):
-        for i, (name, (env, args)) in enumerate(runs.items()):
-            ms, val_loss, wall, other = time_run(name, env, args, os.path.join(tmp, f'run{i}-{repeat}'))
-            results[name].append(ms)
-            print(f"{name:18s} {ms:7.1f} ms/iter  {tokens_per_iter / ms * 1000:6.0f} tok/s  val loss {val_loss:.4f} "
-                  f"at {max_iters}  wall {wall:5.0f}s, of which startup, evals, compiling {other:4.0f}s", flush=True)
+        for shape in chosen:
+            for kind in kinds:
+                load = os.getloadavg()[0]
+                ms, val_loss = time_run(kind, shape, tmp)
+                results[(shape, kind)].append((ms, val_loss))
+                print(f"{shape:5s} {kind:19s} {ms:8.1f} ms/iter  val loss {val_loss:.4f} after {SHAPES[shape][1]} iters  "
+                      f"(load {load:.1f} before, {os.getloadavg()[0]:.1f} after)", flush=True)
 
-print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-medians = {name: statistics.median(ms) for name, ms in results.items()}
-for name, ms in medians.items():
-    print(f"{name:18s} median {ms:7.1f} ms/iter, {medians['speed-ups off'] / ms:.2f}x the speed-ups-off loop")
+print(f"medians over {repeats} alternating runs (spread min-max), CPU {cpu_name()}:")
+for shape in chosen:
+    medians = {kind: statistics.median(ms for ms, _ in results[(shape, kind)]) for kind in kinds}
+    for kind in kinds:
+        times, losses = zip(*results[(shape, kind)])
+        ratios = ', '.join(f"{medians[other] / medians[kind]:.2f}x {other}" for other in kinds if other != kind and kind == 'ours')
+        print(f"{shape:5s} {kind:19s} {medians[kind]:8.1f} ms/iter ({min(times):.1f}-{max(times):.1f})  "
+              f"val loss {statistics.median(losses):.4f}" + (f"  speed: {ratios}" if ratios else ''))

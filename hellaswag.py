@@ -85,16 +85,21 @@ def score_examples(model, examples, device, ctx=nullcontext(), max_len=None):
 def evaluate_hellaswag(model, examples, device, batch_size=4, ctx=nullcontext(), rank=0, world_size=1,
                        max_len=None, progress=False):
     """(num_correct, num_correct_norm, num_total) over this rank's share of examples (every
-    world_size-th one from rank): sum them over ranks for the whole set. batch_size: items per
-    forward pass. model: the plain GPT, not a DDP or compiled wrapper (every batch has a new length)."""
+    world_size-th one from rank): sum them over ranks for the whole set. batch_size: items per forward
+    pass. model: the plain GPT (sharded in place by fsdp.py or not), not a DDP or compiled wrapper
+    (every batch has a new length)."""
     mine = examples[rank::world_size]
     was_training = model.training
     model.eval()
     num_correct = num_correct_norm = 0
     bar = tqdm(total=len(mine), desc='hellaswag', unit='item', disable=not progress)
-    for i in range(0, len(mine), batch_size):
+    # every rank runs the batches of the largest share (a shorter one scores a spare item that it does not
+    # count): under FSDP every forward gathers parameters from all ranks
+    for i in range(0, -(-len(examples) // world_size), batch_size):
         batch = mine[i:i + batch_size]
-        sums, counts = score_examples(model, batch, device, ctx, max_len)
+        sums, counts = score_examples(model, batch or examples[:1], device, ctx, max_len)
+        if not batch:
+            continue
         labels = torch.tensor([ex['label'] for ex in batch])
         num_correct += (sums.argmin(1) == labels).sum().item()
         num_correct_norm += ((sums / counts).argmin(1) == labels).sum().item()

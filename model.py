@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 
@@ -120,6 +121,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor, two uses
         self._attn_bias_cache = {}  # (device, dtype) -> (n_head or 1, L, L) additive attention bias
+        self.gradient_checkpointing = False  # True: training keeps only each Block's input and recomputes the rest in backward
 
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down by 1/sqrt(2 * n_layer)
@@ -175,9 +177,10 @@ class GPT(nn.Module):
             self._attn_bias_cache[(device, dtype)] = bias
         return bias[:, Tk - Tq:Tk, :Tk]
 
-    def forward(self, idx, targets=None, kv_cache=None, pos=0):
+    def forward(self, idx, targets=None, kv_cache=None, pos=0, return_logits=True):
         """idx: (B, T) token ids at positions pos..pos+T-1. kv_cache: a list of one list per
-        layer, filled at pos=0 and extended after that (see generate)."""
+        layer, filled at pos=0 and extended after that (see generate). With targets and
+        return_logits=False the loss never holds all logits at once (chunked_cross_entropy), and logits is None."""
         device = idx.device
         b, t = idx.size()
         if not self.config.alibi and pos + t > self.config.block_size:
@@ -190,10 +193,16 @@ class GPT(nn.Module):
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
         attn_bias = self.attention_bias(t, pos + t, device, dtype)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, attn_bias, None if kv_cache is None else kv_cache[i], pos)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # recomputed with the RNG state of the forward, so dropout drops the same units
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_bias, use_reentrant=False)
+            else:
+                x = block(x, attn_bias, None if kv_cache is None else kv_cache[i], pos)
         x = self.transformer.ln_f(x)
 
-        if targets is not None:
+        if targets is not None and not return_logits:
+            logits, loss = None, chunked_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1))
+        elif targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         else:
@@ -328,6 +337,62 @@ class GPT(nn.Module):
                 if done.all():
                     break
         return idx[:, :T]
+
+
+# -----------------------------------------------------------------------------
+# the loss over the vocabulary, in chunks of rows
+
+def chunked_loss(x, weight, targets, with_grads, chunk_rows=None):
+    """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) over chunk_rows rows at a time and, with_grads, its
+    gradients for x and weight in the same pass. The matrix products run in autocast's dtype when it is on, the
+    softmax in float32. By default a chunk's logits are 16 MB on a CPU (below glibc's 32 MB mmap threshold, so
+    their memory is reused without page faults) and 256 MB elsewhere."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    rows = chunk_rows or max(1, (2 ** 22 if device == 'cpu' else 2 ** 26) // weight.size(0))
+    with torch.autocast(device, enabled=False):
+        w = weight.to(dtype)
+        valid = targets != -1
+        n_valid = valid.sum()
+        loss = torch.zeros((), device=x.device)
+        grad_x = torch.empty_like(x) if with_grads else None
+        grad_w = torch.zeros(weight.shape, device=x.device) if with_grads else None
+        for i in range(0, x.size(0), rows):
+            xs, ts, keep = x[i:i + rows].to(dtype), targets[i:i + rows].clamp(min=0), valid[i:i + rows]
+            logits = (xs @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=1)
+            loss += ((lse - logits.gather(1, ts[:, None]).squeeze(1)) * keep).sum()
+            if with_grads:
+                grad_logits = logits.sub_(lse[:, None]).exp_()  # the softmax, minus one at the target
+                grad_logits[torch.arange(len(ts), device=x.device), ts] -= 1
+                grad_logits = grad_logits.to(dtype)
+                scale = (keep / n_valid)[:, None]  # each row's share of the mean; 0 for ignored targets
+                grad_x[i:i + rows] = (grad_logits @ w).float() * scale
+                grad_w += grad_logits.t() @ (xs * scale).to(dtype)
+    return loss / n_valid, grad_x, grad_w
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets):
+        loss, grad_x, grad_w = chunked_loss(x, weight, targets, with_grads=True)
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None
+
+
+def chunked_cross_entropy(x, weight, targets):
+    """F.cross_entropy(x @ weight.T, targets, ignore_index=-1), to float rounding, never holding the whole
+    (rows, vocab) logits or their gradient: on a CPU, a fresh 200 MB tensor every step (GPT-2's vocabulary)
+    costs more in page faults than its matrix product; on a GPU it is memory saved. The gradients are made
+    in the forward pass, while each chunk's logits are at hand."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return ChunkedCrossEntropy.apply(x, weight, targets)
+    return chunked_loss(x, weight, targets, with_grads=False)[0]
 
 
 # -----------------------------------------------------------------------------

@@ -90,6 +90,8 @@ if compile:
 
 # tokenizer: the dataset's characters when it has a meta.pkl, else GPT-2's BPE
 meta_path = os.path.join('data', dataset, 'meta.pkl') if dataset else None
+if init_from != 'resume' and os.path.isfile(os.path.join(init_from, 'meta.pkl')):
+    meta_path = os.path.join(init_from, 'meta.pkl')  # a character-level model exported by export_hf.py
 stop_token = None
 if meta_path and os.path.exists(meta_path):
     print(f"Loading meta from {meta_path}...")

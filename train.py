@@ -7,6 +7,8 @@ $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 Two machines of 8 GPUs: the same command on both, --node_rank=0 on the one at --master_addr:
 $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py config/train_gpt2.py
 (NCCL_IB_DISABLE=1 in front when the machines are linked by plain Ethernet rather than Infiniband).
+A model whose weights, gradients and AdamW state do not fit DDP's copy on every GPU: --fsdp=True shards them (fsdp.py):
+$ torchrun --standalone --nproc_per_node=2 train.py config/finetune_shakespeare.py --fsdp=True
 """
 
 import os
@@ -73,6 +75,8 @@ lr_decay_iters = 600000  # end of the cosine; Chinchilla suggests about max_iter
 min_lr = 6e-5  # where it ends; Chinchilla suggests about learning_rate / 10
 # DDP
 backend = 'nccl'  # between GPUs; processes on CPUs always talk through 'gloo'
+fsdp = False  # under torchrun: shard parameters, gradients and AdamW state across the processes (fsdp.py) instead of DDP's copies
+gradient_checkpointing = False  # recompute each Block's activations in backward: far less memory for ~1/3 more compute
 # hardware
 device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32; or one of those (see runtime.py)
@@ -132,6 +136,9 @@ try:
 except ValueError as e:
     fail(str(e))
 device, device_type, ctx = plan['device'], plan['device_type'], plan['ctx']
+if fsdp and not ddp:
+    fail("fsdp=True shards the model across torchrun's processes: start it with torchrun --standalone "
+         "--nproc_per_node=N train.py ... (N=1 works too), or set fsdp=False")
 if gradient_accumulation_steps % ddp_world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} cannot be divided among {ddp_world_size} "
          f"processes: use a multiple of {ddp_world_size}")
@@ -245,6 +252,10 @@ try:
 except ValueError as e:  # model.py's errors say what is wrong and how to fix it
     fail(str(e))
 model.to(device)
+model.gradient_checkpointing = gradient_checkpointing
+if fsdp:  # sharded in place: still the GPT, with hooks that gather each Block's parameters for its passes
+    from fsdp import shard_model, full_state_dicts, load_full_optimizer_state
+    shard_model(model, param_dtype=plan['autocast'])  # None: float32, nothing cast
 raw_model = model  # the plain GPT: its state_dict has clean names, for checkpoints
 checkpoint_iter = iter_num if checkpoint is not None else None  # the iteration the checkpoint on disk holds
 
@@ -252,7 +263,10 @@ checkpoint_iter = iter_num if checkpoint is not None else None  # the iteration 
 scaler = runtime.grad_scaler(plan)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])
+    if fsdp:
+        load_full_optimizer_state(model, optimizer, checkpoint['optimizer'])
+    else:
+        optimizer.load_state_dict(checkpoint['optimizer'])
     if checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free its memory
@@ -281,7 +295,7 @@ if hellaswag_interval > 0:
 if compile:
     print("compiling the model (the first iterations take a while)")
     model = torch.compile(model)
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
 
@@ -298,7 +312,7 @@ def estimate_loss():
         for k in range(ddp_rank, eval_iters, ddp_world_size):
             X, Y = get_batch(split, starts[k * batch_size:(k + 1) * batch_size], eval_block_size)
             with ctx:
-                logits, loss = model(X, Y)
+                _, loss = model(X, Y, return_logits=False)  # the loss alone: no (B, T, vocab) logits tensor
             loss_sum += loss.item()
         if ddp:
             loss_sum = loss_sum.to(device)  # NCCL reduces GPU tensors only
@@ -344,9 +358,13 @@ def stop_on_nonfinite(what, value):
 
 
 def save_checkpoint():
+    # under FSDP every process sends its shards, and the first one writes
+    model_state, optimizer_state = full_state_dicts(raw_model, optimizer) if fsdp else (raw_model.state_dict(), optimizer.state_dict())
+    if not master_process:
+        return
     checkpoint = {
-        'model': raw_model.state_dict(),
-        'optimizer': optimizer.state_dict(),
+        'model': model_state,
+        'optimizer': optimizer_state,
         'scaler': scaler.state_dict(),
         'model_args': model_args,
         'iter_num': iter_num,
@@ -386,7 +404,7 @@ while True:
         stop_on_nonfinite('val loss', losses['val'])
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0 and iter_num != checkpoint_iter and not eval_only and master_process:
+            if iter_num > 0 and iter_num != checkpoint_iter and not eval_only and (master_process or fsdp):
                 save_checkpoint()
                 checkpoint_iter = iter_num
         t0 = time.time()  # the iteration's time excludes the evaluation
@@ -410,9 +428,11 @@ while True:
         torch.manual_seed(int(np.random.SeedSequence(micro_batch_key(iter_num, micro_step)).generate_state(1)[0]))  # dropout
         # under DDP, gradients are averaged across processes only at the last micro-step
         last = micro_step == gradient_accumulation_steps - 1
-        with (model.no_sync() if ddp and not last else nullcontext()):
+        if fsdp:
+            raw_model.set_requires_gradient_sync(last)
+        with (model.no_sync() if ddp and not fsdp and not last else nullcontext()):
             with ctx:
-                logits, loss = model(X, Y)
+                _, loss = model(X, Y, return_logits=False)
                 loss = loss / gradient_accumulation_steps  # the accumulated gradient is the batch mean
             # fetch the next micro-batch while the GPU works on this one
             X, Y = get_train_batch(iter_num + 1, 0) if last else get_train_batch(iter_num, micro_step + 1)

@@ -1,5 +1,7 @@
 import json
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -74,6 +76,45 @@ def test_sample_mode_refuses_lengths_past_block_size(workdir):
     assert 'past block_size 32' in result.stderr
 
 
+FAKE_NANOGPT = '''import sys
+for i in range(9):
+    print(f"iter {i}: loss 4.0000, time {200 if i < 5 else 100}.00ms, mfu 0.00%")
+print("step 8: train loss 3.0000, val loss 3.5000")
+'''
+
+
+def test_bench_train_compares_ours_speed_ups_off_and_nanogpt(tmp_path):
+    """One quick-start run of each kind at a few iterations (a tiny stand-in for nanoGPT's train.py, which
+    prints iter and step lines as it does): the summary names the CPU, each kind's median and the ratios."""
+    for name in ('bench_train.py', 'train.py', 'model.py', 'runtime.py', 'configurator.py'):
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    shutil.copytree(os.path.join(ROOT, 'config'), tmp_path / 'config')
+    os.makedirs(tmp_path / 'data' / 'shakespeare_char')
+    for split in ('train', 'val'):
+        np.random.randint(0, 65, 3000).astype(np.uint16).tofile(tmp_path / 'data' / 'shakespeare_char' / f'{split}.bin')
+    with open(tmp_path / 'data' / 'shakespeare_char' / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 65}, f)
+    (tmp_path / 'nanogpt').mkdir()
+    (tmp_path / 'nanogpt' / 'train.py').write_text(FAKE_NANOGPT)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, 'bench_train.py', '--shapes=quick', '--quick_iters=8', '--repeats=1',
+                             '--nanogpt_dir=nanogpt'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert 'CPU: ' in out and 'medians over 1 alternating runs' in out
+    summary = out.split('medians over')[1]
+    assert 'nanoGPT' in summary and '100.0 ms/iter (100.0-100.0)  val loss 3.5000' in summary
+    assert re.search(r'quick ours .* ms/iter .*speed: [\d.]+x ours, speed-ups off, [\d.]+x nanoGPT', summary)
+
+
+def test_bench_train_without_data_is_a_one_line_error(tmp_path):
+    shutil.copy(os.path.join(ROOT, 'bench_train.py'), tmp_path)
+    shutil.copy(os.path.join(ROOT, 'configurator.py'), tmp_path)
+    result = subprocess.run([sys.executable, 'bench_train.py', '--shapes=gpt2'], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "bench_train.py: no data/text/train.bin for the gpt2 shape: run python data/text/prepare.py first (see --help)")
+
+
 @pytest.mark.parametrize('args, fragment', [
     (['--batch_size=0'], 'batch_size=0 is not an integer >= 1'),
     (['--block_size=0'], 'block_size=0 is not an integer >= 1'),
@@ -103,7 +144,7 @@ def test_bad_data_files_get_a_one_line_error(workdir, monkeypatch, tokens, fragm
 
 
 @pytest.mark.parametrize('args, fragment', [
-    (['--max_iters=5'], 'max_iters=5 is not an integer >= 6 (the first 5 iterations are not timed)'),
+    (['--gpt2_iters=5'], 'gpt2_iters=5 is not an integer >= 6 (the first 5 iterations are not timed)'),
     (['--repeats=0'], 'repeats=0 is not an integer >= 1'),
 ])
 def test_bench_train_bad_settings_get_a_one_line_error(workdir, monkeypatch, args, fragment):

@@ -185,7 +185,7 @@ def train_repo(tmp_path, vocab_size=None):
     """A copy of the scripts with data/tiny: random tokens, of GPT-2's vocabulary unless a meta.pkl says otherwise."""
     import shutil
     import numpy as np
-    for name in ('train.py', 'model.py', 'configurator.py', 'hellaswag.py', 'runtime.py'):
+    for name in ('train.py', 'model.py', 'configurator.py', 'hellaswag.py', 'runtime.py', 'fsdp.py'):
         shutil.copy(ROOT + '/' + name, tmp_path)
     data = tmp_path / 'data' / 'tiny'
     data.mkdir(parents=True)
@@ -208,10 +208,12 @@ def run_train(repo, *args, nproc=1):
                           capture_output=True, text=True, cwd=repo, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
 
 
-def test_train_scores_hellaswag_split_over_two_processes(items_file, tmp_path):
+@pytest.mark.parametrize('fsdp', [False, True])
+def test_train_scores_hellaswag_split_over_two_processes(items_file, tmp_path, fsdp):
+    # 7 items: one process scores 4, the other 3, yet under FSDP both must run as many forwards
     repo = train_repo(tmp_path)
     proc = run_train(repo, '--max_iters=3', '--eval_interval=3', '--hellaswag_interval=2',
-                     f'--hellaswag_file={items_file}', nproc=2)
+                     f'--hellaswag_file={items_file}', f'--fsdp={fsdp}', nproc=2)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     with open(repo / 'out' / 'log.jsonl') as f:
         scored = [r for r in map(json.loads, f) if 'hellaswag_acc_norm' in r]

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, alibi_slopes, clean_state_dict, fit_embedding_matrix
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, alibi_slopes, chunked_cross_entropy, chunked_loss, clean_state_dict, fit_embedding_matrix
 
 
 def tiny_config(**kw):
@@ -243,6 +245,56 @@ def test_forward_without_targets_returns_last_position():
     assert torch.allclose(logits[:, 0], model(idx, idx)[0][:, -1], atol=1e-6)
 
 
+def test_chunked_cross_entropy_equals_f_cross_entropy_forward_and_backward():
+    torch.manual_seed(0)
+    x, weight = torch.randn(50, 16, requires_grad=True), torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    targets[::7] = -1  # ignored, as in hellaswag's targets
+    expected = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
+    grad_x, grad_w = torch.autograd.grad(expected * 0.25, (x, weight))  # * 0.25: a gradient accumulation step
+    loss = chunked_cross_entropy(x, weight, targets)
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(torch.autograd.grad(loss * 0.25, (x, weight)), (grad_x, grad_w)))
+    for rows in (1, 7, 50):  # chunks that do and do not divide the rows
+        chunk_loss, chunk_grad_x, chunk_grad_w = chunked_loss(x.detach(), weight.detach(), targets, True, chunk_rows=rows)
+        assert torch.allclose(chunk_loss, expected, rtol=1e-6)
+        assert torch.allclose(chunk_grad_x * 0.25, grad_x, rtol=1e-5, atol=1e-8)
+        assert torch.allclose(chunk_grad_w * 0.25, grad_w, rtol=1e-5, atol=1e-8)
+    with torch.no_grad():
+        assert torch.allclose(chunked_cross_entropy(x, weight, targets), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_loss_without_logits_equals_the_plain_loss(autocast):
+    """train.py's return_logits=False: the same loss and gradients (the tied wte/lm_head weight too), also
+    under bfloat16 autocast, where both run the output layer in bfloat16."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx, targets = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
+    results = []
+    for return_logits in (True, False):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            logits, loss = model(idx, targets, return_logits=return_logits)
+        results.append((loss.float(), torch.autograd.grad(loss, list(model.parameters()))))
+        assert (logits is None) == (not return_logits)
+    (plain, plain_grads), (chunked, chunked_grads) = results
+    tol = dict(rtol=2e-2, atol=1e-4) if autocast else dict(rtol=1e-5, atol=1e-7)
+    assert torch.allclose(chunked, plain, **tol)
+    assert all(torch.allclose(a, b, **tol) for a, b in zip(chunked_grads, plain_grads))
+
+
+def test_loss_without_logits_under_torch_compile():
+    """Dynamo traces the chunked loss's autograd.Function (aot_eager: the tracing without inductor's C++ build)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx, targets = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
+    _, expected = model(idx, targets)
+    _, loss = torch.compile(model, backend='aot_eager')(idx, targets, return_logits=False)
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad(loss, list(model.parameters())), torch.autograd.grad(expected, list(model.parameters()))):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_generate_top_k_samples_only_from_top_k():
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
@@ -278,3 +330,31 @@ def test_kv_cache_in_chunks_equals_one_forward(flash, alibi):
     model(idx[:, 8:13], kv_cache=kv_cache, pos=8)  # several new positions at once: the mask must be offset
     last, _ = model(idx[:, 13:], kv_cache=kv_cache, pos=13)
     assert (last[:, -1] - full[:, -1]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize('flash', [True, False])
+@pytest.mark.parametrize('dropout', [0.0, 0.2])
+def test_gradient_checkpointing_gives_the_same_gradients_and_saves_less(dropout, flash):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=32, dropout=dropout, flash_attn=flash))
+    x, y = torch.randint(0, 32, (4, 16)), torch.randint(0, 32, (4, 16))
+
+    def gradients_and_saved_bytes(checkpointing, seed=1):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        torch.manual_seed(seed)  # decides the dropout masks
+        saved = []  # what autograd keeps for backward: activations, but also the weights the matmuls need
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            _, loss = model(x, y)
+        loss.backward()
+        weights = {p.data_ptr() for p in model.parameters()}
+        activations = {t.data_ptr(): t.untyped_storage().nbytes() for t in saved if t.data_ptr() not in weights}
+        return [p.grad.clone() for p in model.parameters()], sum(activations.values())
+
+    plain, plain_bytes = gradients_and_saved_bytes(False)
+    recomputed, recomputed_bytes = gradients_and_saved_bytes(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, recomputed))
+    assert recomputed_bytes < plain_bytes / 2
+    if dropout:  # the masks matter, so the equality above needs the recomputation to redraw the same ones
+        other_masks, _ = gradients_and_saved_bytes(False, seed=2)
+        assert not all(torch.equal(a, b) for a, b in zip(plain, other_masks))

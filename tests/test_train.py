@@ -36,7 +36,7 @@ def write_bins(directory, train, val):
 @pytest.fixture
 def repo(tmp_path):
     """A copy of the scripts with data/tiny: a random 50-token phrase repeated, so there is something to learn."""
-    for name in ('train.py', 'model.py', 'configurator.py', 'runtime.py'):
+    for name in ('train.py', 'model.py', 'configurator.py', 'runtime.py', 'fsdp.py'):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     phrase = np.random.default_rng(0).integers(0, VOCAB, 50)
     write_bins(tmp_path / 'data' / 'tiny', np.tile(phrase, 80), np.tile(phrase, 10))
@@ -439,3 +439,51 @@ def test_resumes_a_checkpoint_written_by_the_original_nanogpt(repo, tmp_path):
 def test_block_size_larger_than_the_pretrained_model(repo, monkeypatch, hf_dir):
     message = error_of(repo, monkeypatch, f'--init_from={hf_dir}', '--block_size=64')
     assert f"block_size=64 is larger than {hf_dir}'s 32: use --block_size=32 or less" in message
+
+
+def test_fsdp_trains_like_one_process_and_its_checkpoints_resume_anywhere(repo):
+    """--fsdp=True over 2 processes gives the evaluations of one process with the same global batch; its
+    ckpt.pt, gathered whole in the plain layout, samples and resumes under FSDP (exactly), DDP and one
+    process. Dropout is on; the interrupted FSDP run recomputes activations (gradient_checkpointing)."""
+    args = [*TINY, '--gradient_accumulation_steps=4', '--eval_interval=3']
+    run(repo, *args, '--max_iters=6', '--out_dir=single')
+    run(repo, *args, '--max_iters=6', '--out_dir=fsdp', '--fsdp=True', torchrun=True)
+    run(repo, *args, '--max_iters=3', '--out_dir=fsdp3', '--fsdp=True', '--gradient_checkpointing=True', torchrun=True)
+    for out_dir in ('fsdp3_ddp', 'fsdp3_single'):
+        shutil.copytree(repo / 'fsdp3', repo / out_dir)
+    run(repo, *args, '--max_iters=6', '--out_dir=fsdp3', '--fsdp=True', '--init_from=resume', torchrun=True)
+    run(repo, *args, '--max_iters=6', '--out_dir=fsdp3_ddp', '--init_from=resume', torchrun=True)
+    run(repo, *args, '--max_iters=6', '--out_dir=fsdp3_single', '--init_from=resume')
+
+    evals = lambda out_dir: {r['step']: r['val_loss'] for r in read_log(repo, out_dir) if 'step' in r}
+    assert sorted(evals('fsdp')) == [0, 3, 6] and evals('fsdp') == pytest.approx(evals('single'), rel=1e-5)
+    assert evals('fsdp3') == evals('fsdp') and iter_losses(read_log(repo, 'fsdp3')) == iter_losses(read_log(repo, 'fsdp'))
+    fsdp, single = load_ckpt(repo / 'fsdp' / 'ckpt.pt'), load_ckpt(repo / 'single' / 'ckpt.pt')
+    assert set(fsdp) == set(single) and fsdp['iter_num'] == 6
+    assert fsdp['model']['lm_head.weight'] is fsdp['model']['transformer.wte.weight']  # tied, saved once
+    resumed = load_ckpt(repo / 'fsdp3' / 'ckpt.pt')
+    for k in fsdp['model']:
+        assert torch.equal(resumed['model'][k], fsdp['model'][k]), k
+    for out_dir in ('single', 'fsdp3_ddp', 'fsdp3_single'):
+        other = load_ckpt(repo / out_dir / 'ckpt.pt')
+        assert other['iter_num'] == 6 and evals(out_dir)[6] == pytest.approx(evals('fsdp')[6], rel=1e-5), out_dir
+        for k in fsdp['model']:
+            torch.testing.assert_close(other['model'][k], fsdp['model'][k], rtol=1e-4, atol=1e-4, msg=k)
+        # the optimizer state in a plain AdamW's layout (so FSDP resumes any ckpt.pt), parameter for parameter
+        assert other['optimizer']['param_groups'] == fsdp['optimizer']['param_groups']
+        for i, state in fsdp['optimizer']['state'].items():
+            for name, value in state.items():
+                torch.testing.assert_close(other['optimizer']['state'][i][name], value, rtol=1e-3, atol=1e-6)
+
+    shutil.copy(os.path.join(ROOT, 'sample.py'), repo)
+    chars = 'abcdefghijklmnopqrstuvwxyz .,;!\n'
+    with open(repo / 'data' / 'tiny' / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': VOCAB, 'stoi': {c: i for i, c in enumerate(chars)}, 'itos': dict(enumerate(chars))}, f)
+    sample = subprocess.run([sys.executable, 'sample.py', '--device=cpu', '--dtype=float32', '--out_dir=fsdp',
+                             '--num_samples=1', '--max_new_tokens=20', '--start=a'], cwd=repo, capture_output=True, text=True)
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    assert any(len(line) == 21 and line.startswith('a') for line in sample.stdout.splitlines()), sample.stdout
+
+
+def test_fsdp_without_torchrun(repo, monkeypatch):
+    assert 'torchrun --standalone --nproc_per_node=N' in error_of(repo, monkeypatch, '--fsdp=True')
