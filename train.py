@@ -309,11 +309,12 @@ def estimate_loss():
     for split in ('train', 'val'):
         starts = np.linspace(0, split_tokens[split] - eval_block_size - 1, eval_iters * batch_size).astype(np.int64)
         loss_sum = torch.zeros((), dtype=torch.float64)  # on the CPU: MPS has no float64
-        for k in range(ddp_rank, eval_iters, ddp_world_size):
-            X, Y = get_batch(split, starts[k * batch_size:(k + 1) * batch_size], eval_block_size)
+        # every process the same number of forwards (FSDP gathers weights in each); one past eval_iters is not counted
+        for k in range(ddp_rank, -(-eval_iters // ddp_world_size) * ddp_world_size, ddp_world_size):
+            X, Y = get_batch(split, starts[k % eval_iters * batch_size:(k % eval_iters + 1) * batch_size], eval_block_size)
             with ctx:
                 _, loss = model(X, Y, return_logits=False)  # the loss alone: no (B, T, vocab) logits tensor
-            loss_sum += loss.item()
+            loss_sum += loss.item() if k < eval_iters else 0.0
         if ddp:
             loss_sum = loss_sum.to(device)  # NCCL reduces GPU tensors only
             torch.distributed.all_reduce(loss_sum)
