@@ -4,7 +4,7 @@ mode='train': the training step (forward, backward, optimizer) on real or random
 tokens/s and MFU, or with profile=True a torch.profiler trace.
 mode='sample': generation tokens/s of GPT.generate with the KV cache, without it (nanoGPT's loop),
 and of Hugging Face's GPT2LMHeadModel.generate on a model of the same shape, in the same run:
-    python bench.py --mode=sample --device=cpu --compile=False --batch_size=1 --n_layer=6 --n_head=6 --n_embd=384 --bias=True --vocab_size=65
+    python bench.py --mode=sample --device=cpu --dtype=float32 --compile=False --batch_size=1 --n_layer=6 --n_head=6 --n_embd=384 --bias=True --vocab_size=65
 """
 import os
 import sys
@@ -36,7 +36,7 @@ compile = True  # use PyTorch 2.0 to compile the model to be faster
 profile = False  # use pytorch profiler, or just simple benchmarking?
 max_new_tokens = 500  # sample mode: tokens generated after a one-token prompt
 top_k = 200  # sample mode
-sample_rounds = 3  # sample mode: cached and Hugging Face runs, alternating (the uncached loop runs once)
+sample_rounds = 5  # sample mode: cached and Hugging Face runs, alternating (the uncached loop runs once)
 exec(open('configurator.py').read())  # overrides from command line or config file
 for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size', 'max_new_tokens', 'sample_rounds'):
     check(k, lambda v: v >= 1, 'an integer >= 1')
@@ -66,9 +66,7 @@ model.to(device)
 
 if mode == 'sample':
     import transformers
-    model.eval()
-    if device_type == 'cpu':
-        model.use_matvec_layout()  # as sample.py does
+    model.eval()  # generate lays the weights out for decoding by itself (use_matvec_layout), as a user gets it
     if compile:
         model.compile(dynamic=True)  # in place, so generate's calls go through it; one graph for all lengths
     hf_config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
@@ -84,25 +82,30 @@ if mode == 'sample':
         assert out.shape == (batch_size, 1 + n), out.shape  # really produced every token
         return batch_size * n / (time.perf_counter() - t0)
 
+    def median_and_spread(xs):
+        xs = sorted(xs)
+        return f"{xs[len(xs) // 2]:.1f} ({xs[0]:.1f}-{xs[-1]:.1f})"
+
     ours = lambda n: model.generate(prompt, n, top_k=top_k)
     theirs = lambda n: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                                    do_sample=True, top_k=top_k, pad_token_id=0)
     print(f"{n_layer} layers, {n_head} heads, {n_embd} wide, block_size {block_size}, vocab {vocab_size}, "
-          f"batch {batch_size}, 1-token prompt, {max_new_tokens} new tokens, top_k {top_k}, {device}, "
-          f"{torch.get_num_threads()} threads")
+          f"batch {batch_size}, 1-token prompt, {max_new_tokens} new tokens, top_k {top_k}, {device} "
+          f"({runtime.device_name(device)}), {torch.get_num_threads()} threads, {plan['dtype']}")
     with torch.inference_mode(), ctx:  # both generate loops run without autograd bookkeeping
         tokens_per_s(ours, 20)  # warm up
         tokens_per_s(theirs, 20)
         cached, hugging_face = [], []
         for r in range(sample_rounds):
-            cached.append(tokens_per_s(ours))
-            hugging_face.append(tokens_per_s(theirs))
-            print(f"round {r}: KV cache {cached[-1]:.1f} tokens/s, Hugging Face {hugging_face[-1]:.1f} tokens/s")
+            for run in ((ours, theirs) if r % 2 == 0 else (theirs, ours)):  # alternating which goes first
+                (cached if run is ours else hugging_face).append(tokens_per_s(run))
+            print(f"round {r}: KV cache {cached[-1]:.1f} tokens/s, Hugging Face {hugging_face[-1]:.1f} tokens/s, "
+                  f"ratio {cached[-1] / hugging_face[-1]:.2f}x")
         uncached = tokens_per_s(lambda n: model.generate(prompt, n, top_k=top_k, use_cache=False))
-    cached, hugging_face = sorted(cached)[len(cached) // 2], sorted(hugging_face)[len(hugging_face) // 2]
-    print(f"tokens/s (median of {sample_rounds}): KV cache {cached:.1f}, no cache (nanoGPT's loop) {uncached:.1f}, "
-          f"Hugging Face generate {hugging_face:.1f}; KV cache vs Hugging Face {cached / hugging_face:.2f}x, "
-          f"vs no cache {cached / uncached:.1f}x")
+    ratios = [c / h for c, h in zip(cached, hugging_face)]
+    print(f"tokens/s, median (min-max) of {sample_rounds}: KV cache {median_and_spread(cached)}, no cache (nanoGPT's loop) "
+          f"{uncached:.1f}, Hugging Face generate {median_and_spread(hugging_face)}; "
+          f"KV cache vs Hugging Face {median_and_spread(ratios)}x, vs no cache {sorted(cached)[len(cached) // 2] / uncached:.1f}x")
     sys.exit(0)
 
 # mode == 'train'

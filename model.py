@@ -51,8 +51,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_bias=None, kv_cache=None, pos=0):
         B, T, C = x.size()  # batch size, sequence length, embedding width (n_embd)
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # one view and one transpose make the (B, nh, T, hs) views of q, k, v: fewer small ops per decoded token
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).transpose(1, 3).unbind(2)
         if kv_cache is not None:
             if pos == 0:  # the prompt: allocate room for a whole context once, never grow it
                 kv_cache[:] = [k.new_empty(B, self.n_head, max(T, self.block_size), C // self.n_head) for _ in range(2)]
@@ -215,10 +215,13 @@ class GPT(nn.Module):
     def use_matvec_layout(self):
         """Store the blocks' widening weights (c_attn, c_fc) transposed in memory: same values, shapes and
         state_dict. Decoding a token multiplies each weight by one vector, and on CPU the BLAS (MKL)
-        streams a matrix about 2x faster when its longer side is contiguous (bench.py --mode=sample)."""
-        for module in self.transformer.h.modules():
-            if isinstance(module, nn.Linear) and module.weight.size(0) > module.weight.size(1):
-                module.weight.data = module.weight.data.t().contiguous().t()
+        streams a matrix about 2x faster when its longer side is contiguous (bench.py --mode=sample).
+        Returns the Linears it re-laid (generate lays them back after decoding)."""
+        relaid = [m for m in self.transformer.h.modules() if isinstance(m, nn.Linear)
+                  and m.weight.size(0) > m.weight.size(1) and m.weight.is_contiguous()]
+        for module in relaid:
+            module.weight.data = module.weight.data.t().contiguous().t()
+        return relaid
 
     def crop_block_size(self, block_size):
         """Shrink the context, e.g. to finetune GPT-2 (1024) at a smaller block size."""
@@ -289,20 +292,30 @@ class GPT(nn.Module):
         position per step, reusing keys and values; past block_size the context is cropped to the
         last block_size tokens and recomputed each step, as nanoGPT does, so both give the same
         tokens. temperature=0 takes the most likely token at every step (greedy). Stops early once
-        every row has produced stop_token."""
+        every row has produced stop_token. On CPU the weights are read in the matvec layout for the
+        call (use_matvec_layout), and given back their own after it."""
+        relaid = self.use_matvec_layout() if idx.device.type == 'cpu' else []
+        try:
+            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, stop_token, use_cache)
+        finally:
+            for module in relaid:  # the layout training and the optimizer expect
+                module.weight.data = module.weight.data.contiguous()
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, stop_token, use_cache):
         block_size = self.config.block_size
         kv_cache = [[] for _ in self.transformer.h]
         cache_len = 0  # positions currently held in kv_cache
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        T = idx.size(1)  # tokens so far
+        idx = torch.cat((idx, idx.new_empty(idx.size(0), max_new_tokens)), dim=1)  # room for all: no cat per token
         for _ in range(max_new_tokens):
-            T = idx.size(1)
             if not use_cache or T > block_size:
-                logits, _ = self(idx[:, -block_size:])
+                logits, _ = self(idx[:, max(0, T - block_size):T])
             elif cache_len == 0:
-                logits, _ = self(idx, kv_cache=kv_cache)
+                logits, _ = self(idx[:, :T], kv_cache=kv_cache)
                 cache_len = T
             else:
-                logits, _ = self(idx[:, cache_len:], kv_cache=kv_cache, pos=cache_len)
+                logits, _ = self(idx[:, cache_len:T], kv_cache=kv_cache, pos=cache_len)
                 cache_len = T
             logits = logits[:, -1, :].float() / (temperature or 1.0)  # in float32 whatever the model's dtype
             if top_k is not None and top_k < logits.size(-1):
@@ -317,12 +330,13 @@ class GPT(nn.Module):
             probs = F.softmax(logits, dim=-1)
             # temperature 0: greedy, the most likely token (top_k and top_p always keep it)
             idx_next = torch.multinomial(probs, num_samples=1) if temperature > 0 else logits.argmax(-1, keepdim=True)
-            idx = torch.cat((idx, idx_next), dim=1)
+            idx[:, T:T + 1] = idx_next
+            T += 1
             if stop_token is not None:
                 done |= idx_next.squeeze(1) == stop_token
                 if done.all():
                     break
-        return idx
+        return idx[:, :T]
 
 
 # -----------------------------------------------------------------------------

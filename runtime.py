@@ -9,6 +9,8 @@ device_plan() makes the decisions from what the machine has, passed in, so that 
 are all tested on any machine.
 """
 import time
+import platform
+import subprocess
 from contextlib import ExitStack, nullcontext
 from functools import lru_cache
 
@@ -139,6 +141,17 @@ def peak_flops(plan):
         return (peak, f"{name}'s bf16/fp16 peak") if peak else (None, f"no known peak for {name}")
     dtype = plan['autocast'] or torch.float32
     return measured_peak_flops(plan['device'], dtype), f"measured just now: {str(dtype)[6:]} matmul"
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's model name as lscpu gives it: speed figures compare on the same one only."""
+    if torch.device(device).type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    try:
+        lscpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
+        return next(line.split(':', 1)[1].strip() for line in lscpu.splitlines() if line.startswith('Model name'))
+    except (OSError, StopIteration):  # no lscpu: not Linux
+        return platform.processor() or platform.machine()
 
 
 def gpu_peak_flops(name):

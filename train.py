@@ -302,18 +302,23 @@ if ddp and not fsdp:
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over eval_iters batches of each split, at eval_block_size. The windows are spread evenly
-    over the split, the same at every evaluation, so that evaluations compare and draw no randomness."""
+    over the split, the same at every evaluation, so that evaluations compare and draw no randomness.
+    Under DDP each process scores every ddp_world_size-th batch and the sums are added up: one process's figures."""
     out = {}
     model.eval()
     for split in ('train', 'val'):
         starts = np.linspace(0, split_tokens[split] - eval_block_size - 1, eval_iters * batch_size).astype(np.int64)
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            X, Y = get_batch(split, starts[k * batch_size:(k + 1) * batch_size], eval_block_size)
+        loss_sum = torch.zeros((), dtype=torch.float64)  # on the CPU: MPS has no float64
+        # every process the same number of forwards (FSDP gathers weights in each); one past eval_iters is not counted
+        for k in range(ddp_rank, -(-eval_iters // ddp_world_size) * ddp_world_size, ddp_world_size):
+            X, Y = get_batch(split, starts[k % eval_iters * batch_size:(k % eval_iters + 1) * batch_size], eval_block_size)
             with ctx:
                 _, loss = model(X, Y, return_logits=False)  # the loss alone: no (B, T, vocab) logits tensor
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+            loss_sum += loss.item() if k < eval_iters else 0.0
+        if ddp:
+            loss_sum = loss_sum.to(device)  # NCCL reduces GPU tensors only
+            torch.distributed.all_reduce(loss_sum)
+        out[split] = loss_sum.item() / eval_iters
     model.train()
     return out
 

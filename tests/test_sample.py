@@ -73,7 +73,8 @@ def test_cached_sampling_draws_the_same_tokens(alibi):
 def test_matvec_layout_changes_storage_not_results():
     model = tiny_model()
     idx = torch.randint(0, 50, (2, 5))
-    before = model.generate(idx, 8, top_k=1)
+    before = model.generate(idx, 8, top_k=1)  # re-lays the weights for its call only (on CPU)
+    assert all(p.is_contiguous() for p in model.parameters())  # as training and its optimizer left them
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     model.use_matvec_layout()
     assert not model.transformer.h[0].mlp.c_fc.weight.is_contiguous()  # (128, 32): stored transposed
@@ -192,10 +193,10 @@ def char_workdir(workdir):
     return workdir, model
 
 
-def run_sample(cwd, *args):
+def run_sample(cwd, *args, timeout=120):
     env = dict(os.environ, OMP_NUM_THREADS='1')  # tiny models, and a CPU shared with other jobs
     return subprocess.run([sys.executable, 'sample.py', '--device=cpu', *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def samples(stdout):
@@ -226,6 +227,14 @@ def test_samples_a_character_model_in_one_batch(char_workdir):
     assert result.returncode == 0, result.stderr
     assert 'Loading meta from data/tinychars/meta.pkl' in result.stdout
     assert samples(result.stdout) == greedy_text(model, 'hello', 12, 3)
+
+
+def test_compiled_sampling_gives_the_same_tokens(char_workdir):
+    cwd, model = char_workdir
+    result = run_sample(cwd, '--out_dir=out', '--start=hello', '--top_k=1', '--num_samples=2', '--max_new_tokens=12',
+                        '--compile=True', timeout=600)  # compiling takes tens of seconds
+    assert result.returncode == 0, result.stderr
+    assert samples(result.stdout) == greedy_text(model, 'hello', 12, 2)
 
 
 def test_prompt_from_file_and_top_p(char_workdir):

@@ -43,14 +43,14 @@ def repo(tmp_path):
     return tmp_path
 
 
-def run(repo, *args, torchrun=False, python_code=None, check=True):
+def run(repo, *args, torchrun=False, python_code=None, check=True, script='train.py'):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     if torchrun:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py']
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', script]
     elif python_code:
         cmd = [sys.executable, '-c', python_code]
     else:
-        cmd = [sys.executable, 'train.py']
+        cmd = [sys.executable, script]
     result = subprocess.run(cmd + list(args), cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -127,17 +127,60 @@ def test_cpu_bfloat16_trains_as_well_as_float32(repo):
     assert bf16[-1] == pytest.approx(f32[-1], abs=0.05)
 
 
+COUNT_EVAL_BATCHES = """
+import os, runpy, model
+forward, evaluated = model.GPT.forward, [0]
+def counting_forward(self, *args, **kwargs):
+    evaluated[0] += not self.training
+    return forward(self, *args, **kwargs)
+model.GPT.forward = counting_forward
+try:
+    runpy.run_path('train.py', run_name='__main__')
+finally:
+    print(f"rank {os.environ.get('RANK', 0)} evaluated {evaluated[0]} batches")
+"""
+
+
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(repo):
-    args = [*TINY, '--gradient_accumulation_steps=4', '--max_iters=4', '--eval_interval=4']
-    ddp = run(repo, *args, '--out_dir=ddp', torchrun=True)
-    run(repo, *args, '--out_dir=single')
+    (repo / 'count_evals.py').write_text(COUNT_EVAL_BATCHES)  # train.py, counting the batches each process evaluates
+    args = [*TINY, '--gradient_accumulation_steps=4', '--max_iters=4', '--eval_interval=4', '--eval_iters=3']
+    ddp = run(repo, *args, '--out_dir=ddp', torchrun=True, script='count_evals.py')
+    single = run(repo, *args, '--out_dir=single', script='count_evals.py')
     assert ddp.stdout.count('step 4: train loss') == 1 and ddp.stdout.count('iter 3: loss') == 1
+    # 2 evaluations of 2 splits of 3 batches: one process scores all 12; two share them, 2 forwards a split each
+    # (3 is odd: the second process runs one forward it does not count, as FSDP needs the same forwards everywhere)
+    assert 'rank 0 evaluated 12 batches' in single.stdout
+    assert 'rank 0 evaluated 8 batches' in ddp.stdout and 'rank 1 evaluated 8 batches' in ddp.stdout
+    (ddp_start, ddp_end), (single_start, single_end) = ([r for r in read_log(repo, d) if 'step' in r] for d in ('ddp', 'single'))
+    for split in ('train_loss', 'val_loss'):  # the same weights at step 0: the same figures up to float rounding
+        assert ddp_start[split] == pytest.approx(single_start[split], rel=1e-6)
+        assert ddp_end[split] == pytest.approx(single_end[split], abs=1e-4)
     assert sorted(os.listdir(repo / 'ddp')) == ['ckpt.pt', 'log.jsonl']
     assert sorted(iter_losses(read_log(repo, 'ddp'))) == [0, 1, 2, 3]  # one writer
     a, b = load_ckpt(repo / 'ddp' / 'ckpt.pt'), load_ckpt(repo / 'single' / 'ckpt.pt')
     for k in a['model']:
         torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-4, atol=1e-5, msg=k)
     assert a['best_val_loss'] == pytest.approx(b['best_val_loss'], abs=1e-4)
+
+
+@pytest.mark.parametrize('alibi', [False, True])
+def test_compiled_training_matches_eager(repo, alibi):
+    """compile=True, the default on GPUs: the losses of eager mode, in one process and (learned positions) under
+    2-process DDP. No dropout: compiled code draws its own masks. (Not the weights: a key bias has no gradient
+    but rounding noise, which Adam turns into whole steps of either sign.)"""
+    args = [*TINY, '--n_layer=1', '--dropout=0.0', '--max_iters=3', '--eval_interval=3', f'--alibi={alibi}']
+    run(repo, *args, '--out_dir=eager')
+    compiled = ['compiled'] + ([] if alibi else ['compiled_ddp'])
+    for out_dir in compiled:
+        result = run(repo, *args, '--compile=True', f'--out_dir={out_dir}', torchrun=out_dir.endswith('ddp'))
+        assert 'compiling the model' in result.stdout
+    eager = read_log(repo, 'eager')
+    for out_dir in compiled:
+        records = read_log(repo, out_dir)
+        if out_dir == 'compiled':  # under DDP the logged loss is the first process's share of the batch only
+            assert iter_losses(records) == pytest.approx(iter_losses(eager), rel=1e-4)
+        for evaluation, eager_evaluation in zip([r for r in records if 'step' in r], [r for r in eager if 'step' in r]):
+            assert evaluation == pytest.approx(eager_evaluation, rel=1e-4), out_dir
 
 
 def test_ddp_rejects_accumulation_steps_that_do_not_divide(repo):
