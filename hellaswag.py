@@ -53,6 +53,26 @@ def load_hellaswag(path, limit=None):
 
 
 @torch.no_grad()
+def examples_for_training(path, master_process=True, ddp=False):
+    """The items train.py scores every hellaswag_interval steps: the first process downloads the file when it
+    is absent while the others wait, then every process reads it. Raises OSError or ValueError, saying the fix."""
+    if master_process and not os.path.exists(path):
+        try:
+            download_hellaswag(path)
+        except OSError as e:
+            raise OSError(f"cannot download {path} ({e}): fetch hellaswag_val.jsonl from github.com/rowanz/hellaswag "
+                          f"and pass --hellaswag_file=path/to/it, or set hellaswag_interval=0") from None
+    if ddp:
+        torch.distributed.barrier()  # the others wait for the download
+    try:
+        examples = load_hellaswag(path)
+    except (OSError, ValueError) as e:  # OSError: e.g. a machine that does not share the first process's disk
+        raise ValueError(f"cannot read HellaSwag items ({e}): put {path} on every machine, or set hellaswag_interval=0") from None
+    if not examples:
+        raise ValueError(f"{path} holds no HellaSwag items: point --hellaswag_file at hellaswag_val.jsonl")
+    return examples
+
+
 def score_examples(model, examples, device, ctx=nullcontext(), max_len=None):
     """Summed loss over each ending's tokens, and their number: two (len(examples), 4) tensors.
     All candidates of the examples run as one batch, right-padded (padding is never a target).

@@ -265,10 +265,7 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         decay_params = [p for p in params if p.dim() >= 2]
         nodecay_params = [p for p in params if p.dim() < 2]
-        optim_groups = [
-            {'params': decay_params, 'weight_decay': weight_decay},
-            {'params': nodecay_params, 'weight_decay': 0.0},
-        ]
+        optim_groups = [{'params': decay_params, 'weight_decay': weight_decay}, {'params': nodecay_params, 'weight_decay': 0.0}]
         print(f"num decayed parameter tensors: {len(decay_params)}, with {sum(p.numel() for p in decay_params):,} parameters")
         print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {sum(p.numel() for p in nodecay_params):,} parameters")
         use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'mps', 'cpu')
@@ -294,48 +291,45 @@ class GPT(nn.Module):
         tokens. temperature=0 takes the most likely token at every step (greedy). Stops early once
         every row has produced stop_token. On CPU the weights are read in the matvec layout for the
         call (use_matvec_layout), and given back their own after it."""
-        relaid = self.use_matvec_layout() if idx.device.type == 'cpu' else []
-        try:
-            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, stop_token, use_cache)
-        finally:
-            for module in relaid:  # the layout training and the optimizer expect
-                module.weight.data = module.weight.data.contiguous()
-
-    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, stop_token, use_cache):
         block_size = self.config.block_size
         kv_cache = [[] for _ in self.transformer.h]
         cache_len = 0  # positions currently held in kv_cache
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         T = idx.size(1)  # tokens so far
         idx = torch.cat((idx, idx.new_empty(idx.size(0), max_new_tokens)), dim=1)  # room for all: no cat per token
-        for _ in range(max_new_tokens):
-            if not use_cache or T > block_size:
-                logits, _ = self(idx[:, max(0, T - block_size):T])
-            elif cache_len == 0:
-                logits, _ = self(idx[:, :T], kv_cache=kv_cache)
-                cache_len = T
-            else:
-                logits, _ = self(idx[:, cache_len:T], kv_cache=kv_cache, pos=cache_len)
-                cache_len = T
-            logits = logits[:, -1, :].float() / (temperature or 1.0)  # in float32 whatever the model's dtype
-            if top_k is not None and top_k < logits.size(-1):
-                v, _ = torch.topk(logits, top_k)
-                logits[logits < v[:, [-1]]] = -float('Inf')
-            if top_p is not None:  # nucleus: the smallest set of tokens whose probability reaches top_p
-                sorted_logits, sorted_idx = torch.sort(logits, descending=True)
-                cum_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
-                drop = cum_probs - F.softmax(sorted_logits, dim=-1) >= top_p
-                drop[:, 0] = False  # the most likely token stays, whatever top_p
-                logits[drop.scatter(1, sorted_idx, drop)] = -float('Inf')
-            probs = F.softmax(logits, dim=-1)
-            # temperature 0: greedy, the most likely token (top_k and top_p always keep it)
-            idx_next = torch.multinomial(probs, num_samples=1) if temperature > 0 else logits.argmax(-1, keepdim=True)
-            idx[:, T:T + 1] = idx_next
-            T += 1
-            if stop_token is not None:
-                done |= idx_next.squeeze(1) == stop_token
-                if done.all():
-                    break
+        relaid = self.use_matvec_layout() if idx.device.type == 'cpu' else []
+        try:
+            for _ in range(max_new_tokens):
+                if not use_cache or T > block_size:
+                    logits, _ = self(idx[:, max(0, T - block_size):T])
+                elif cache_len == 0:
+                    logits, _ = self(idx[:, :T], kv_cache=kv_cache)
+                    cache_len = T
+                else:
+                    logits, _ = self(idx[:, cache_len:T], kv_cache=kv_cache, pos=cache_len)
+                    cache_len = T
+                logits = logits[:, -1, :].float() / (temperature or 1.0)  # in float32 whatever the model's dtype
+                if top_k is not None and top_k < logits.size(-1):
+                    v, _ = torch.topk(logits, top_k)
+                    logits[logits < v[:, [-1]]] = -float('Inf')
+                if top_p is not None:  # nucleus: the smallest set of tokens whose probability reaches top_p
+                    sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+                    cum_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+                    drop = cum_probs - F.softmax(sorted_logits, dim=-1) >= top_p
+                    drop[:, 0] = False  # the most likely token stays, whatever top_p
+                    logits[drop.scatter(1, sorted_idx, drop)] = -float('Inf')
+                probs = F.softmax(logits, dim=-1)
+                # temperature 0: greedy, the most likely token (top_k and top_p always keep it)
+                idx_next = torch.multinomial(probs, num_samples=1) if temperature > 0 else logits.argmax(-1, keepdim=True)
+                idx[:, T:T + 1] = idx_next
+                T += 1
+                if stop_token is not None:
+                    done |= idx_next.squeeze(1) == stop_token
+                    if done.all():
+                        break
+        finally:
+            for module in relaid:  # the layout training and the optimizer expect
+                module.weight.data = module.weight.data.contiguous()
         return idx[:, :T]
 
 

@@ -99,6 +99,7 @@ for k in ('dropout', 'beta1', 'beta2'):
 check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
 check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 check('out_dir', lambda v: v, 'a directory name')
+check('eval_block_size', lambda v: v is None or (type(v) is int and v >= 1), 'an integer >= 1, or None')
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun?
@@ -144,8 +145,6 @@ if gradient_accumulation_steps % ddp_world_size:
          f"processes: use a multiple of {ddp_world_size}")
 if eval_block_size is None:
     eval_block_size = block_size
-if not isinstance(eval_block_size, int) or isinstance(eval_block_size, bool) or eval_block_size <= 0:
-    fail(f"eval_block_size must be a positive int or None, not {eval_block_size!r}")
 if eval_block_size > block_size and not alibi:
     fail(f"eval_block_size={eval_block_size} is larger than block_size={block_size}: learned position "
          f"embeddings cannot go past block_size; use alibi=True or eval_block_size <= {block_size}")
@@ -273,24 +272,14 @@ checkpoint = None  # free its memory
 
 hellaswag_examples = None
 if hellaswag_interval > 0:
-    from hellaswag import download_hellaswag, load_hellaswag, evaluate_hellaswag
+    from hellaswag import examples_for_training, evaluate_hellaswag
     if model_args['vocab_size'] < 50257:
         fail(f"hellaswag_interval={hellaswag_interval} needs a model of GPT-2's BPE tokens (vocab_size >= 50257), but this one "
              f"has {model_args['vocab_size']} (a character-level dataset?): set hellaswag_interval=0")
-    if master_process and not os.path.exists(hellaswag_file):
-        try:
-            download_hellaswag(hellaswag_file)
-        except OSError as e:
-            fail(f"cannot download {hellaswag_file} ({e}): fetch hellaswag_val.jsonl from github.com/rowanz/hellaswag "
-                 f"and pass --hellaswag_file=path/to/it, or set hellaswag_interval=0")
-    if ddp:
-        torch.distributed.barrier()  # the others wait for the download
     try:
-        hellaswag_examples = load_hellaswag(hellaswag_file)
-    except (OSError, ValueError) as e:  # OSError: e.g. a machine that does not share the first process's disk
-        sys.exit(f"train.py: cannot read HellaSwag items ({e}): put {hellaswag_file} on every machine, or set hellaswag_interval=0")
-    if not hellaswag_examples:
-        fail(f"{hellaswag_file} holds no HellaSwag items: point --hellaswag_file at hellaswag_val.jsonl")
+        hellaswag_examples = examples_for_training(hellaswag_file, master_process, ddp)
+    except (OSError, ValueError) as e:  # printed by each process that fails: it may be the only one without the file
+        sys.exit(f"train.py: {e}")
 
 if compile:
     print("compiling the model (the first iterations take a while)")

@@ -318,7 +318,7 @@ def error_of(repo, monkeypatch, *args):
     (['--dataset=nothing'], ['no data/nothing/train.bin', 'python data/nothing/prepare.py']),
     (['--init_from=resume'], ["init_from='resume' but there is no out/ckpt.pt"]),
     (['--eval_block_size=32'], ['eval_block_size=32 is larger than block_size=16', 'alibi=True']),
-    (['--eval_block_size=0'], ['eval_block_size must be a positive int']),
+    (['--eval_block_size=0'], ['eval_block_size=0 is not an integer >= 1, or None']),
     (['--pre_trained_embs=True'], ['no data/tiny/emb_mat.pt', 'python data/openwebtext/embmatrix.py']),
     (['--init_from=gtp2'], ["init_from='gtp2' is not"]),
     (['--dtype=float8'], ["dtype='float8' is not one of 'auto', 'float32', 'bfloat16', 'float16'"]),
