@@ -40,12 +40,12 @@ def cpu_has_bf16():
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
-def device_plan(device, dtype, has_cuda, cuda_bf16, has_mps, mps_bf16, cpu_bf16):
+def device_plan(device, dtype, has_cuda, cuda_bf16, has_mps, mps_bf16, cpu_bf16, decoding=False):
     """How a script runs, from its device and dtype settings and what the machine has. Returns a dict:
     device; device_type ('cuda', 'mps' or 'cpu'); dtype, the precision the math runs in; autocast, the
     torch dtype to autocast to (None: plain float32); scaler, whether the loss needs scaling (float16);
     pin_memory; why, a few words on the choice. Raises ValueError, one line naming the fix, for a
-    device or dtype this machine cannot run."""
+    device or dtype this machine cannot run. decoding: the script generates a token at a time (sample.py)."""
     picked = device == 'auto'
     if picked:
         device = 'cuda' if has_cuda else 'mps' if has_mps else 'cpu'
@@ -72,7 +72,10 @@ def device_plan(device, dtype, has_cuda, cuda_bf16, has_mps, mps_bf16, cpu_bf16)
             dtype = 'float32'  # as nanoGPT runs on a Mac; autocast is opt-in, its gain varies from chip to chip
             why.append("--dtype=float16 or bfloat16 for autocast")
     else:  # a CPU autocasts to bfloat16 only where it has the instructions: twice the matmul speed there
-        if dtype == 'auto':
+        if dtype == 'auto' and cpu_bf16 and decoding:  # one token at a time: autocast would re-cast every weight per token
+            dtype = 'float32'
+            why.append("decoding runs faster in float32 on a CPU; --dtype=bfloat16 for autocast")
+        elif dtype == 'auto':
             dtype = 'bfloat16' if cpu_bf16 else 'float32'
         elif dtype == 'bfloat16' and not cpu_bf16:
             dtype = 'float32'
@@ -103,12 +106,12 @@ class Autocast:
         return self.stack.__exit__(*exc)
 
 
-def setup(device, dtype, verbose=True):
+def setup(device, dtype, verbose=True, decoding=False):
     """device_plan for this machine, plus 'ctx', the autocast context for forward passes. Turns on TF32
     matmuls on CUDA. Prints the plan in one line when verbose. Raises ValueError as device_plan does."""
     has_cuda, has_mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     plan = device_plan(device, dtype, has_cuda, has_cuda and torch.cuda.is_bf16_supported(),
-                       has_mps, has_mps and torch.backends.mps.is_macos_or_newer(14, 0), cpu_has_bf16())
+                       has_mps, has_mps and torch.backends.mps.is_macos_or_newer(14, 0), cpu_has_bf16(), decoding)
     if plan['device_type'] == 'cuda':
         torch.set_float32_matmul_precision('high')  # TF32 for float32 matmuls: Ampere's tensor cores, ~1e-3 error
     plan['ctx'] = Autocast(plan['device_type'], plan['autocast']) if plan['autocast'] else nullcontext()

@@ -57,7 +57,7 @@ def load_vocabulary(path, dataset):
 
 torch.manual_seed(seed)
 try:
-    plan = runtime.setup(device, dtype)
+    plan = runtime.setup(device, dtype, decoding=True)
 except ValueError as e:
     fail(str(e))
 device, device_type, ctx = plan['device'], plan['device_type'], plan['ctx']

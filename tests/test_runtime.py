@@ -107,3 +107,16 @@ def test_cpu_peak_is_measured_in_the_dtype_used():
     peak, note = runtime.peak_flops(plan)
     assert 1e8 < peak < 1e14 and math.isfinite(peak)  # a CPU's FLOP/s, whatever it is
     assert note == 'measured just now: float32 matmul'
+
+
+@pytest.mark.parametrize('machine, dtype, expected', [
+    ('zen4', 'auto', 'float32'),  # decoding a token at a time: float32 beats autocast on a CPU
+    ('zen4', 'bfloat16', 'bfloat16'),  # asked for: kept
+    ('h100', 'auto', 'bfloat16'),  # GPUs autocast when decoding too
+    ('avx2', 'auto', 'float32'),
+])
+def test_decoding_on_a_cpu_defaults_to_float32(machine, dtype, expected):
+    device = 'cuda' if machine == 'h100' else 'cpu'
+    plan = runtime.device_plan(device, dtype, **MACHINES[machine], decoding=True)
+    assert plan['dtype'] == expected
+    assert (plan['autocast'] is None) == (expected == 'float32')
