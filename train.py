@@ -453,4 +453,5 @@ while True:
     local_iter_num += 1
 
 if ddp:
+    torch.distributed.barrier()  # the others wait while the first one writes: leaving early can abort gloo's threads
     destroy_process_group()
