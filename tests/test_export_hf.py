@@ -20,12 +20,7 @@ TEXTS = ["Hello world! It's 3.14 o'clock,   isn't it?\n\n\tTabs\tand  spaces   "
          "one<|endoftext|>two <|endoftext|> three"]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 
 def tiny_model(seed=0, **kw):
