@@ -83,8 +83,6 @@ else:
          f"Hugging Face GPT-2 directory; '{init_from}' is none of these")
 model.eval()
 model.to(device)
-if device_type == 'cpu':
-    model.use_matvec_layout()  # decoding is matrix-vector products, faster in this layout on CPU
 if compile:
     model.compile(dynamic=True)  # in place, so generate's calls go through it; one graph for all lengths
 
