@@ -66,7 +66,7 @@ model.to(device)
 
 if mode == 'sample':
     import transformers
-    model.eval()  # generate lays the weights out for decoding by itself (use_matvec_layout), as a user gets it
+    model.eval()
     if compile:
         model.compile(dynamic=True)  # in place, so generate's calls go through it; one graph for all lengths
     hf_config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,

@@ -33,14 +33,30 @@ class GPTConfig:
     alibi: bool = False
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, init and state_dict), except for decoding on a CPU: a few rows without
+    autograd are multiplied as a batch of weight slices. MKL's matrix-vector product streams a weight at a third
+    of the memory's speed on some CPUs (AMD's); its batched product, given the rows in this layout, at full
+    speed. bench.py --mode=sample measures it."""
+
+    def forward(self, x):
+        slices = math.gcd(self.out_features, 8)
+        if x.device.type != 'cpu' or torch.is_grad_enabled() or x.numel() > 4 * x.size(-1) or slices == 1:
+            return F.linear(x, self.weight, self.bias)
+        w = self.weight.view(slices, -1, self.in_features)
+        xt = x.reshape(-1, self.in_features).t().expand(slices, -1, -1)  # (in, rows), strides (1, in)
+        y = torch.bmm(w, xt) if self.bias is None else torch.baddbmm(self.bias.view(slices, -1, 1), w, xt)
+        return y.view(self.out_features, -1).t().reshape(*x.shape[:-1], self.out_features)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         # key, query, value projections for all heads, in one batch
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
@@ -77,9 +93,9 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate='tanh')  # GPT-2's GELU, so OpenAI's weights give Hugging Face's logits
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -118,7 +134,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor, two uses
         self._attn_bias_cache = {}  # (device, dtype) -> (n_head or 1, L, L) additive attention bias
         self.gradient_checkpointing = False  # True: training keeps only each Block's input and recomputes the rest in backward
@@ -211,18 +227,6 @@ class GPT(nn.Module):
             loss = None
         return logits, loss
 
-    @torch.no_grad()
-    def use_matvec_layout(self):
-        """Store the blocks' widening weights (c_attn, c_fc) transposed in memory: same values, shapes and
-        state_dict. Decoding a token multiplies each weight by one vector, and on CPU the BLAS (MKL)
-        streams a matrix about 2x faster when its longer side is contiguous (bench.py --mode=sample).
-        Returns the Linears it re-laid (generate lays them back after decoding)."""
-        relaid = [m for m in self.transformer.h.modules() if isinstance(m, nn.Linear)
-                  and m.weight.size(0) > m.weight.size(1) and m.weight.is_contiguous()]
-        for module in relaid:
-            module.weight.data = module.weight.data.t().contiguous().t()
-        return relaid
-
     def crop_block_size(self, block_size):
         """Shrink the context, e.g. to finetune GPT-2 (1024) at a smaller block size."""
         if block_size > self.config.block_size:
@@ -289,47 +293,41 @@ class GPT(nn.Module):
         position per step, reusing keys and values; past block_size the context is cropped to the
         last block_size tokens and recomputed each step, as nanoGPT does, so both give the same
         tokens. temperature=0 takes the most likely token at every step (greedy). Stops early once
-        every row has produced stop_token. On CPU the weights are read in the matvec layout for the
-        call (use_matvec_layout), and given back their own after it."""
+        every row has produced stop_token."""
         block_size = self.config.block_size
         kv_cache = [[] for _ in self.transformer.h]
         cache_len = 0  # positions currently held in kv_cache
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         T = idx.size(1)  # tokens so far
         idx = torch.cat((idx, idx.new_empty(idx.size(0), max_new_tokens)), dim=1)  # room for all: no cat per token
-        relaid = self.use_matvec_layout() if idx.device.type == 'cpu' else []
-        try:
-            for _ in range(max_new_tokens):
-                if not use_cache or T > block_size:
-                    logits, _ = self(idx[:, max(0, T - block_size):T])
-                elif cache_len == 0:
-                    logits, _ = self(idx[:, :T], kv_cache=kv_cache)
-                    cache_len = T
-                else:
-                    logits, _ = self(idx[:, cache_len:T], kv_cache=kv_cache, pos=cache_len)
-                    cache_len = T
-                logits = logits[:, -1, :].float() / (temperature or 1.0)  # in float32 whatever the model's dtype
-                if top_k is not None and top_k < logits.size(-1):
-                    v, _ = torch.topk(logits, top_k)
-                    logits[logits < v[:, [-1]]] = -float('Inf')
-                if top_p is not None:  # nucleus: the smallest set of tokens whose probability reaches top_p
-                    sorted_logits, sorted_idx = torch.sort(logits, descending=True)
-                    cum_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
-                    drop = cum_probs - F.softmax(sorted_logits, dim=-1) >= top_p
-                    drop[:, 0] = False  # the most likely token stays, whatever top_p
-                    logits[drop.scatter(1, sorted_idx, drop)] = -float('Inf')
-                probs = F.softmax(logits, dim=-1)
-                # temperature 0: greedy, the most likely token (top_k and top_p always keep it)
-                idx_next = torch.multinomial(probs, num_samples=1) if temperature > 0 else logits.argmax(-1, keepdim=True)
-                idx[:, T:T + 1] = idx_next
-                T += 1
-                if stop_token is not None:
-                    done |= idx_next.squeeze(1) == stop_token
-                    if done.all():
-                        break
-        finally:
-            for module in relaid:  # the layout training and the optimizer expect
-                module.weight.data = module.weight.data.contiguous()
+        for _ in range(max_new_tokens):
+            if not use_cache or T > block_size:
+                logits, _ = self(idx[:, max(0, T - block_size):T])
+            elif cache_len == 0:
+                logits, _ = self(idx[:, :T], kv_cache=kv_cache)
+                cache_len = T
+            else:
+                logits, _ = self(idx[:, cache_len:T], kv_cache=kv_cache, pos=cache_len)
+                cache_len = T
+            logits = logits[:, -1, :].float() / (temperature or 1.0)  # in float32 whatever the model's dtype
+            if top_k is not None and top_k < logits.size(-1):
+                v, _ = torch.topk(logits, top_k)
+                logits[logits < v[:, [-1]]] = -float('Inf')
+            if top_p is not None:  # nucleus: the smallest set of tokens whose probability reaches top_p
+                sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+                cum_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+                drop = cum_probs - F.softmax(sorted_logits, dim=-1) >= top_p
+                drop[:, 0] = False  # the most likely token stays, whatever top_p
+                logits[drop.scatter(1, sorted_idx, drop)] = -float('Inf')
+            probs = F.softmax(logits, dim=-1)
+            # temperature 0: greedy, the most likely token (top_k and top_p always keep it)
+            idx_next = torch.multinomial(probs, num_samples=1) if temperature > 0 else logits.argmax(-1, keepdim=True)
+            idx[:, T:T + 1] = idx_next
+            T += 1
+            if stop_token is not None:
+                done |= idx_next.squeeze(1) == stop_token
+                if done.all():
+                    break
         return idx[:, :T]
 
 

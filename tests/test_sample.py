@@ -7,8 +7,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import exit_message
+import model as model_module
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,17 +66,28 @@ def test_cached_sampling_draws_the_same_tokens(alibi):
     assert len(set(outs[0][0, 2:].tolist())) > 3  # really sampled, not a constant
 
 
-def test_matvec_layout_changes_storage_not_results():
+@pytest.mark.parametrize('bias', [False, True])
+@pytest.mark.parametrize('out_features', [96, 65])  # 65: no slices of equal size, the plain product
+def test_decoding_linear_equals_nn_linear(bias, out_features):
+    torch.manual_seed(0)
+    linear = model_module.Linear(48, out_features, bias=bias)
+    with torch.no_grad():
+        for rows in [(1, 1, 48), (3, 1, 48), (2, 2, 48), (1, 5, 48), (48,)]:  # decoded rows; 5 or more rows: F.linear
+            x = torch.randn(*rows)
+            torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 1, 48, requires_grad=True)  # with autograd: nn.Linear's own path, gradients included
+    linear(x).sum().backward()
+    torch.testing.assert_close(x.grad, linear.weight.detach().sum(0).expand(2, 1, 48))
+    assert list(linear.state_dict()) == list(torch.nn.Linear(48, out_features, bias=bias).state_dict())
+
+
+def test_generate_leaves_the_weights_as_they_were():
     model = tiny_model()
     idx = torch.randint(0, 50, (2, 5))
-    before = model.generate(idx, 8, top_k=1)  # re-lays the weights for its call only (on CPU)
-    assert all(p.is_contiguous() for p in model.parameters())  # as training and its optimizer left them
     sd = {k: v.clone() for k, v in model.state_dict().items()}
-    model.use_matvec_layout()
-    assert not model.transformer.h[0].mlp.c_fc.weight.is_contiguous()  # (128, 32): stored transposed
-    assert model.transformer.h[0].mlp.c_proj.weight.is_contiguous()  # (32, 128): kept
+    model.generate(idx, 8, top_k=1)
+    assert all(p.is_contiguous() for p in model.parameters())  # as training and its optimizer expect them
     assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
-    assert torch.equal(model.generate(idx, 8, top_k=1), before)
 
 
 @pytest.mark.parametrize('flash', [False, True])
@@ -203,7 +216,6 @@ def samples(stdout):
 def greedy_text(model, prompt, steps, num_samples):
     stoi, itos = char_meta()['stoi'], char_meta()['itos']
     idx = torch.tensor([[stoi[c] for c in prompt]] * num_samples)
-    model.use_matvec_layout()  # as sample.py does on CPU
     return [''.join(itos[i] for i in row) for row in model.generate(idx, steps, top_k=1).tolist()]
 
 
