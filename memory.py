@@ -17,8 +17,11 @@ With gradient checkpointing a Block keeps only its input, and one Block's activa
 backward recomputes them. Not counted: the CUDA context and allocator slack (~1 GB) and the transient
 tensors of backward (e.g. the gradient of the logits).
 """
+from unittest import mock
+
 import torch
 
+import model as model_module
 from model import GPT, GPTConfig, Block
 
 GiB = 2 ** 30
@@ -35,7 +38,9 @@ def saved_bytes_per_sequence(forward):
         def keep(t):
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast('cpu', torch.bfloat16):
+        # attention through sdpa, as a GPU trains (a CPU trains through the explicit products: model.uses_sdpa)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast('cpu', torch.bfloat16), \
+                mock.patch.object(model_module, 'uses_sdpa', lambda flash_attn, device_type: flash_attn):
             out = forward(batch_size)
         totals.append(sum(saved.values()))
         del out

@@ -11,11 +11,10 @@ are all tested on any machine.
 import time
 import platform
 import subprocess
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -88,24 +87,6 @@ def device_plan(device, dtype, has_cuda, cuda_bf16, has_mps, mps_bf16, cpu_bf16,
                 scaler=autocast is torch.float16, pin_memory=device_type == 'cuda', why='; '.join(why))
 
 
-class Autocast:
-    """torch.autocast, re-enterable as scripts enter it at every step; on a CPU also the math attention
-    kernel, as CPU flash attention runs its bfloat16 backward 2-3x slower."""
-
-    def __init__(self, device_type, dtype):
-        self.device_type, self.dtype = device_type, dtype
-
-    def __enter__(self):
-        self.stack = ExitStack()
-        self.stack.enter_context(torch.autocast(self.device_type, dtype=self.dtype))
-        if self.device_type == 'cpu':
-            self.stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        return self
-
-    def __exit__(self, *exc):
-        return self.stack.__exit__(*exc)
-
-
 def setup(device, dtype, verbose=True, decoding=False):
     """device_plan for this machine, plus 'ctx', the autocast context for forward passes. Turns on TF32
     matmuls on CUDA. Prints the plan in one line when verbose. Raises ValueError as device_plan does."""
@@ -114,7 +95,7 @@ def setup(device, dtype, verbose=True, decoding=False):
                        has_mps, has_mps and torch.backends.mps.is_macos_or_newer(14, 0), cpu_has_bf16(), decoding)
     if plan['device_type'] == 'cuda':
         torch.set_float32_matmul_precision('high')  # TF32 for float32 matmuls: Ampere's tensor cores, ~1e-3 error
-    plan['ctx'] = Autocast(plan['device_type'], plan['autocast']) if plan['autocast'] else nullcontext()
+    plan['ctx'] = torch.autocast(plan['device_type'], dtype=plan['autocast']) if plan['autocast'] else nullcontext()
     if verbose:
         name = f" ({torch.cuda.get_device_name(plan['device'])})" if plan['device_type'] == 'cuda' else ''
         precision = f"{plan['dtype']} autocast" if plan['autocast'] else 'float32'

@@ -126,6 +126,48 @@ def test_attention_dropout_is_applied_in_training(flash):
     assert torch.equal(e1, e2)
 
 
+@pytest.mark.parametrize('alibi', [False, True])
+def test_cpu_training_under_autocast_takes_the_explicit_products(alibi, monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    torch.manual_seed(0)
+    model = GPT(tiny_config(flash_attn=True, alibi=alibi))
+    idx = torch.randint(0, 96, (3, 32))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, loss = model(idx, idx)  # with autograd: the explicit products
+        assert calls == []
+        with torch.no_grad():  # evaluation: sdpa's fused forward
+            _, eval_loss = model(idx, idx)
+        assert len(calls) == 2
+    assert abs(loss.item() - eval_loss.item()) < 2e-2  # bfloat16 rounding apart
+    _, fp32_loss = model(idx, idx)  # float32 training: sdpa, as on every other device
+    assert len(calls) == 4 and abs(loss.item() - fp32_loss.item()) < 2e-2
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize('p', [0.1, 0.5])
+def test_cpu_dropout_drops_with_probability_p_and_keeps_the_expectation(p):
+    from model import Dropout
+    torch.manual_seed(0)
+    drop = Dropout(p).train()
+    x = torch.rand(1000, 1001) + 0.5
+    x.requires_grad_()
+    torch.manual_seed(1)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 3e-3
+    for lane in range(4):  # every 16-bit lane of the random words is uniform
+        assert abs(kept.view(-1)[lane::4].float().mean().item() - (1 - p)) < 5e-3
+    assert abs(y.sum().item() / x.sum().item() - 1) < 3e-3
+    y.sum().backward()  # the gradient passes exactly the kept elements, scaled alike
+    torch.testing.assert_close(x.grad, (y / x).detach())
+    torch.manual_seed(1)
+    assert torch.equal(drop(x), y)  # follows torch's seed, as F.dropout does (resumes repeat it)
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
 def test_alibi_slopes_follow_press_et_al():
     assert torch.allclose(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
     assert torch.allclose(alibi_slopes(4), torch.tensor([2.0 ** (-2 * (i + 1)) for i in range(4)]))

@@ -72,18 +72,13 @@ def test_setup_says_what_it_picked(capsys):
 
 
 @pytest.mark.skipif(not runtime.cpu_has_bf16(), reason='a CPU without bfloat16 instructions')
-def test_cpu_bfloat16_context_autocasts_and_takes_the_math_attention_kernel():
+def test_cpu_bfloat16_context_autocasts_at_every_step_and_undoes_it():
     ctx = runtime.setup('cpu', 'bfloat16', verbose=False)['ctx']
-    q = torch.randn(1, 2, 8, 4, requires_grad=True)
-    attention = lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-    with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast alone takes the flash kernel
-        assert 'Flash' in attention().grad_fn.name()
+    a = torch.randn(4, 4)
     for _ in range(2):  # entered at every step
         with ctx:
-            assert (q[0, 0] @ q[0, 0].T).dtype == torch.bfloat16
-            y = attention()
-        assert y.dtype == torch.bfloat16 and 'Flash' not in y.grad_fn.name(), y.grad_fn.name()
-    assert (q[0, 0] @ q[0, 0].T).dtype == torch.float32 and 'Flash' in attention().grad_fn.name()  # all undone on exit
+            assert (a @ a).dtype == torch.bfloat16
+        assert (a @ a).dtype == torch.float32
 
 
 def test_cpu_has_bf16_agrees_with_torch():
