@@ -359,31 +359,40 @@ class GPT(nn.Module):
 def chunked_loss(x, weight, targets, with_grads, chunk_rows=None):
     """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) over chunk_rows rows at a time and, with_grads, its
     gradients for x and weight in the same pass. The matrix products run in autocast's dtype when it is on, the
-    softmax in float32. By default a chunk's logits are 16 MB on a CPU (below glibc's 32 MB mmap threshold, so
-    their memory is reused without page faults) and 256 MB elsewhere."""
+    softmax in float32, with one exp per logit. By default a chunk's logits are 32 MB on a CPU and 256 MB
+    elsewhere, in buffers that every chunk reuses: on a CPU, fresh memory this large page-faults each time."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    rows = chunk_rows or max(1, (2 ** 22 if device == 'cpu' else 2 ** 26) // weight.size(0))
+    rows = min(x.size(0), chunk_rows or max(1, (2 ** 23 if device == 'cpu' else 2 ** 26) // weight.size(0)))
     with torch.autocast(device, enabled=False):
         w = weight.to(dtype)
         valid = targets != -1
         n_valid = valid.sum()
         loss = torch.zeros((), device=x.device)
-        grad_x = torch.empty_like(x) if with_grads else None
-        grad_w = torch.zeros(weight.shape, device=x.device) if with_grads else None
+        logits_buffer = torch.empty(rows, weight.size(0), device=x.device)  # float32
+        products = torch.empty(rows, weight.size(0), dtype=dtype, device=x.device)  # the logits, then their gradient
+        if with_grads:
+            grad_x = torch.empty_like(x)
+            grad_w = torch.zeros(weight.shape, device=x.device)
+            grad_w_chunk = torch.empty(weight.shape, device=x.device)  # float32, as grad_w: a mixed-dtype += allocates
         for i in range(0, x.size(0), rows):
             xs, ts, keep = x[i:i + rows].to(dtype), targets[i:i + rows].clamp(min=0), valid[i:i + rows]
-            logits = (xs @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=1)
-            loss += ((lse - logits.gather(1, ts[:, None]).squeeze(1)) * keep).sum()
+            n = len(ts)
+            logits = logits_buffer[:n]
+            logits.copy_(torch.mm(xs, w.t(), out=products[:n]))
+            target_logits = logits.gather(1, ts[:, None]).squeeze(1)
+            row_max = logits.amax(1, keepdim=True)
+            exps = logits.sub_(row_max).exp_()  # the softmax times sum_exps
+            sum_exps = exps.sum(1, keepdim=True)
+            loss += ((row_max + sum_exps.log()).squeeze(1) - target_logits).mul_(keep).sum()
             if with_grads:
-                grad_logits = logits.sub_(lse[:, None]).exp_()  # the softmax, minus one at the target
-                grad_logits[torch.arange(len(ts), device=x.device), ts] -= 1
-                grad_logits = grad_logits.to(dtype)
-                scale = (keep / n_valid)[:, None]  # each row's share of the mean; 0 for ignored targets
+                # (softmax - one at the target) * sum_exps; each row's 1 / sum_exps goes into its scale
+                exps[torch.arange(n, device=x.device), ts] -= sum_exps.squeeze(1)
+                grad_logits = products[:n].copy_(exps)
+                scale = (keep / n_valid)[:, None] / sum_exps  # and each row's share of the mean; 0 if ignored
                 grad_x[i:i + rows] = (grad_logits @ w).float() * scale
-                grad_w += grad_logits.t() @ (xs * scale).to(dtype)
-    return loss / n_valid, grad_x, grad_w
+                grad_w += grad_w_chunk.copy_(grad_logits.t() @ (xs * scale).to(dtype))
+    return loss / n_valid, (grad_x if with_grads else None), (grad_w if with_grads else None)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -395,8 +404,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None
+        grad_x, grad_w = ctx.saved_tensors  # made for this one backward: scaled in place, no fresh (vocab, n_embd)
+        return grad_x.mul_(grad_loss), grad_w.mul_(grad_loss), None
 
 
 def chunked_cross_entropy(x, weight, targets):

@@ -308,21 +308,27 @@ def test_chunked_cross_entropy_equals_f_cross_entropy_forward_and_backward():
 
 @pytest.mark.parametrize('autocast', [False, True])
 def test_loss_without_logits_equals_the_plain_loss(autocast):
-    """train.py's return_logits=False: the same loss and gradients (the tied wte/lm_head weight too), also
-    under bfloat16 autocast, where both run the output layer in bfloat16."""
+    """train.py's return_logits=False: the same loss and gradients (the tied wte/lm_head weight too). Under
+    bfloat16 autocast both run the output layer in bfloat16: each is as close to float32's as the other."""
     torch.manual_seed(0)
     model = GPT(tiny_config())
     idx, targets = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
-    results = []
-    for return_logits in (True, False):
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+
+    def loss_and_grads(return_logits, bf16):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
             logits, loss = model(idx, targets, return_logits=return_logits)
-        results.append((loss.float(), torch.autograd.grad(loss, list(model.parameters()))))
         assert (logits is None) == (not return_logits)
-    (plain, plain_grads), (chunked, chunked_grads) = results
-    tol = dict(rtol=2e-2, atol=1e-4) if autocast else dict(rtol=1e-5, atol=1e-7)
-    assert torch.allclose(chunked, plain, **tol)
-    assert all(torch.allclose(a, b, **tol) for a, b in zip(chunked_grads, plain_grads))
+        return loss.float(), torch.autograd.grad(loss, list(model.parameters()))
+    plain, plain_grads = loss_and_grads(True, autocast)
+    chunked, chunked_grads = loss_and_grads(False, autocast)
+    if not autocast:
+        assert torch.allclose(chunked, plain, rtol=1e-5, atol=1e-7)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(chunked_grads, plain_grads))
+        return
+    exact, exact_grads = loss_and_grads(True, False)
+    assert abs(chunked - exact) <= 2 * abs(plain - exact) + 1e-3
+    for a, b, ref in zip(chunked_grads, plain_grads, exact_grads):  # errors relative to each tensor's largest entry
+        assert (a - ref).abs().max() <= 2 * (b - ref).abs().max() + 1e-3 * ref.abs().max()
 
 
 def test_loss_without_logits_under_torch_compile():
