@@ -83,7 +83,7 @@ print("step 8: train loss 3.0000, val loss 3.5000")
 '''
 
 
-def test_bench_train_compares_ours_speed_ups_off_and_nanogpt(tmp_path):
+def test_bench_train_compares_ours_float32_and_nanogpt(tmp_path):
     """One quick-start run of each kind at a few iterations (a tiny stand-in for nanoGPT's train.py, which
     prints iter and step lines as it does): the summary names the CPU, each kind's median and the ratios."""
     for name in ('bench_train.py', 'train.py', 'model.py', 'runtime.py', 'configurator.py'):
@@ -104,7 +104,7 @@ def test_bench_train_compares_ours_speed_ups_off_and_nanogpt(tmp_path):
     assert 'CPU: ' in out and 'medians over 1 alternating runs' in out
     summary = out.split('medians over')[1]
     assert 'nanoGPT' in summary and '100.0 ms/iter (100.0-100.0)  val loss 3.5000' in summary
-    assert re.search(r'quick ours .* ms/iter .*speed: [\d.]+x ours, speed-ups off, [\d.]+x nanoGPT', summary)
+    assert re.search(r'quick ours .* ms/iter .*speed: [\d.]+x ours, float32, [\d.]+x nanoGPT', summary)
 
 
 def test_bench_train_without_data_is_a_one_line_error(tmp_path):

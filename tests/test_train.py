@@ -487,3 +487,16 @@ def test_fsdp_trains_like_one_process_and_its_checkpoints_resume_anywhere(repo):
 
 def test_fsdp_without_torchrun(repo, monkeypatch):
     assert 'torchrun --standalone --nproc_per_node=N' in error_of(repo, monkeypatch, '--fsdp=True')
+
+
+def test_openmp_spins_briefly_when_other_processes_keep_a_cpu_busy(repo):
+    busy = subprocess.Popen([sys.executable, '-c', 'while True: pass'])  # another job, on one core
+    try:
+        env = {k: v for k, v in os.environ.items() if k != 'GOMP_SPINCOUNT'}
+        result = subprocess.run([sys.executable, 'train.py', '--help'], cwd=repo, env=env, capture_output=True, text=True)
+        assert 'GOMP_SPINCOUNT=1000' in result.stdout.splitlines()[0]
+        result = subprocess.run([sys.executable, 'train.py', '--help'], cwd=repo, capture_output=True, text=True,
+                                env=dict(env, GOMP_SPINCOUNT='50000'))  # the user's own setting wins
+        assert 'GOMP_SPINCOUNT' not in result.stdout
+    finally:
+        busy.kill()
