@@ -5,6 +5,8 @@ import torch
 
 import torch.nn.functional as F
 
+import model as model_module
+
 from model import GPT, GPTConfig, alibi_slopes, chunked_cross_entropy, chunked_loss, clean_state_dict, fit_embedding_matrix
 
 
@@ -294,22 +296,24 @@ def test_chunked_cross_entropy_equals_f_cross_entropy_forward_and_backward():
     targets[::7] = -1  # ignored, as in hellaswag's targets
     expected = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1)
     grad_x, grad_w = torch.autograd.grad(expected * 0.25, (x, weight))  # * 0.25: a gradient accumulation step
-    loss = chunked_cross_entropy(x, weight, targets)
-    assert torch.allclose(loss, expected, rtol=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(torch.autograd.grad(loss * 0.25, (x, weight)), (grad_x, grad_w)))
+    for rows in (7, None):  # chunks through the autograd.Function; one chunk: F.cross_entropy itself
+        loss = chunked_cross_entropy(x, weight, targets, chunk_rows=rows)
+        assert torch.allclose(loss, expected, rtol=1e-6)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(torch.autograd.grad(loss * 0.25, (x, weight)), (grad_x, grad_w)))
     for rows in (1, 7, 50):  # chunks that do and do not divide the rows
         chunk_loss, chunk_grad_x, chunk_grad_w = chunked_loss(x.detach(), weight.detach(), targets, True, chunk_rows=rows)
         assert torch.allclose(chunk_loss, expected, rtol=1e-6)
         assert torch.allclose(chunk_grad_x * 0.25, grad_x, rtol=1e-5, atol=1e-8)
         assert torch.allclose(chunk_grad_w * 0.25, grad_w, rtol=1e-5, atol=1e-8)
     with torch.no_grad():
-        assert torch.allclose(chunked_cross_entropy(x, weight, targets), expected, rtol=1e-6)
+        assert torch.allclose(chunked_cross_entropy(x, weight, targets, chunk_rows=7), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize('autocast', [False, True])
-def test_loss_without_logits_equals_the_plain_loss(autocast):
+def test_loss_without_logits_equals_the_plain_loss(autocast, monkeypatch):
     """train.py's return_logits=False: the same loss and gradients (the tied wte/lm_head weight too). Under
     bfloat16 autocast both run the output layer in bfloat16: each is as close to float32's as the other."""
+    monkeypatch.setattr(model_module, 'rows_per_chunk', lambda vocab_size, device_type: 20)  # 64 rows: 4 chunks
     torch.manual_seed(0)
     model = GPT(tiny_config())
     idx, targets = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
@@ -331,8 +335,9 @@ def test_loss_without_logits_equals_the_plain_loss(autocast):
         assert (a - ref).abs().max() <= 2 * (b - ref).abs().max() + 1e-3 * ref.abs().max()
 
 
-def test_loss_without_logits_under_torch_compile():
+def test_loss_without_logits_under_torch_compile(monkeypatch):
     """Dynamo traces the chunked loss's autograd.Function (aot_eager: the tracing without inductor's C++ build)."""
+    monkeypatch.setattr(model_module, 'rows_per_chunk', lambda vocab_size, device_type: 20)
     torch.manual_seed(0)
     model = GPT(tiny_config())
     idx, targets = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
