@@ -34,7 +34,7 @@ def cpus_busy_elsewhere(seconds=0.1):
 
 
 # before torch starts OpenMP. Its idle threads spin (libgomp: ~300000 times) before they sleep: fastest on a quiet CPU
-# (1.25x at the quick start), but on a busy one they take the cores that working threads need (2x slower there)
+# (1.25x at the quick start), but on a busy one they take the cores that working threads need (1.7x slower there)
 if 'GOMP_SPINCOUNT' not in os.environ and cpus_busy_elsewhere() >= 0.5:
     os.environ['GOMP_SPINCOUNT'] = '1000'
     print("other processes keep a CPU busy: OpenMP threads spin only briefly before they sleep (GOMP_SPINCOUNT=1000)")
