@@ -18,7 +18,7 @@ TINY = ['--device=cpu', '--compile=False', '--batch_size=2', '--n_layer=2', '--n
 
 @pytest.fixture
 def workdir(tmp_path):
-    for name in ('bench.py', 'model.py', 'configurator.py', 'runtime.py'):
+    for name in ('bench.py', 'model.py', 'loss.py', 'configurator.py', 'runtime.py'):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     return tmp_path
 
@@ -86,7 +86,7 @@ print("step 8: train loss 3.0000, val loss 3.5000")
 def test_bench_train_compares_ours_float32_and_nanogpt(tmp_path):
     """One quick-start run of each kind at a few iterations (a tiny stand-in for nanoGPT's train.py, which
     prints iter and step lines as it does): the summary names the CPU, each kind's median and the ratios."""
-    for name in ('bench_train.py', 'train.py', 'model.py', 'runtime.py', 'configurator.py'):
+    for name in ('bench_train.py', 'train.py', 'openmp_wait.py', 'model.py', 'loss.py', 'runtime.py', 'configurator.py'):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     shutil.copytree(os.path.join(ROOT, 'config'), tmp_path / 'config')
     os.makedirs(tmp_path / 'data' / 'shakespeare_char')

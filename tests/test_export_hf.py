@@ -47,7 +47,7 @@ def write_checkpoint(path, model, dataset):
 
 @pytest.fixture
 def repo(tmp_path):
-    for name in ('export_hf.py', 'train.py', 'sample.py', 'model.py', 'configurator.py', 'runtime.py'):
+    for name in ('export_hf.py', 'train.py', 'openmp_wait.py', 'sample.py', 'model.py', 'loss.py', 'configurator.py', 'runtime.py'):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     return tmp_path
 

@@ -185,7 +185,7 @@ def train_repo(tmp_path, vocab_size=None):
     """A copy of the scripts with data/tiny: random tokens, of GPT-2's vocabulary unless a meta.pkl says otherwise."""
     import shutil
     import numpy as np
-    for name in ('train.py', 'model.py', 'configurator.py', 'hellaswag.py', 'runtime.py', 'fsdp.py'):
+    for name in ('train.py', 'openmp_wait.py', 'model.py', 'loss.py', 'configurator.py', 'hellaswag.py', 'runtime.py', 'fsdp.py'):
         shutil.copy(ROOT + '/' + name, tmp_path)
     data = tmp_path / 'data' / 'tiny'
     data.mkdir(parents=True)

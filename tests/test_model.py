@@ -5,9 +5,10 @@ import torch
 
 import torch.nn.functional as F
 
-import model as model_module
 
-from model import GPT, GPTConfig, alibi_slopes, chunked_cross_entropy, chunked_loss, clean_state_dict, fit_embedding_matrix
+import loss as loss_module
+from loss import chunked_cross_entropy, chunked_loss
+from model import GPT, GPTConfig, alibi_slopes, clean_state_dict, fit_embedding_matrix
 
 
 def tiny_config(**kw):
@@ -313,7 +314,7 @@ def test_chunked_cross_entropy_equals_f_cross_entropy_forward_and_backward():
 def test_loss_without_logits_equals_the_plain_loss(autocast, monkeypatch):
     """train.py's return_logits=False: the same loss and gradients (the tied wte/lm_head weight too). Under
     bfloat16 autocast both run the output layer in bfloat16: each is as close to float32's as the other."""
-    monkeypatch.setattr(model_module, 'rows_per_chunk', lambda vocab_size, device_type: 20)  # 64 rows: 4 chunks
+    monkeypatch.setattr(loss_module, 'rows_per_chunk', lambda vocab_size, device_type: 20)  # 64 rows: 4 chunks
     torch.manual_seed(0)
     model = GPT(tiny_config())
     idx, targets = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
@@ -337,7 +338,7 @@ def test_loss_without_logits_equals_the_plain_loss(autocast, monkeypatch):
 
 def test_loss_without_logits_under_torch_compile(monkeypatch):
     """Dynamo traces the chunked loss's autograd.Function (aot_eager: the tracing without inductor's C++ build)."""
-    monkeypatch.setattr(model_module, 'rows_per_chunk', lambda vocab_size, device_type: 20)
+    monkeypatch.setattr(loss_module, 'rows_per_chunk', lambda vocab_size, device_type: 20)
     torch.manual_seed(0)
     model = GPT(tiny_config())
     idx, targets = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))

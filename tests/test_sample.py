@@ -184,7 +184,7 @@ def write_checkpoint(path, model, dataset, nanogpt_style=False):
 @pytest.fixture
 def workdir(tmp_path):
     """A directory to run sample.py in, as from a repo root, with its own data/ and out/."""
-    for name in ('sample.py', 'model.py', 'configurator.py', 'runtime.py'):
+    for name in ('sample.py', 'model.py', 'loss.py', 'configurator.py', 'runtime.py'):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     return tmp_path
 

@@ -36,7 +36,7 @@ def write_bins(directory, train, val):
 @pytest.fixture
 def repo(tmp_path):
     """A copy of the scripts with data/tiny: a random 50-token phrase repeated, so there is something to learn."""
-    for name in ('train.py', 'model.py', 'configurator.py', 'runtime.py', 'fsdp.py'):
+    for name in ('train.py', 'openmp_wait.py', 'model.py', 'loss.py', 'configurator.py', 'runtime.py', 'fsdp.py'):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     phrase = np.random.default_rng(0).integers(0, VOCAB, 50)
     write_bins(tmp_path / 'data' / 'tiny', np.tile(phrase, 80), np.tile(phrase, 10))
