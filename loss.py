@@ -25,7 +25,8 @@ def chunked_loss(x, weight, targets, with_grads, chunk_rows=None):
         n_valid = valid.sum()
         loss = torch.zeros((), device=x.device)
         logits_buffer = torch.empty(rows, weight.size(0), device=x.device)  # float32
-        products = torch.empty(rows, weight.size(0), dtype=dtype, device=x.device)  # the logits, then their gradient
+        # the logits, then their gradient, in dtype (float32: the same buffer, and its copies into itself do nothing)
+        products = logits_buffer if dtype == torch.float32 else torch.empty(rows, weight.size(0), dtype=dtype, device=x.device)
         if with_grads:
             grad_x = torch.empty_like(x)
             grad_w = torch.zeros(weight.shape, device=x.device)
