@@ -150,12 +150,13 @@ def test_cpu_training_under_autocast_takes_the_explicit_products(alibi, monkeypa
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('p', [0.1, 0.5])
-def test_cpu_dropout_drops_with_probability_p_and_keeps_the_expectation(p):
+def test_cpu_dropout_drops_with_probability_p_and_keeps_the_expectation(p, dtype):
     from model import Dropout
     torch.manual_seed(0)
     drop = Dropout(p).train()
-    x = torch.rand(1000, 1001) + 0.5
+    x = (torch.rand(1000, 1001) + 0.5).to(dtype)
     x.requires_grad_()
     torch.manual_seed(1)
     y = drop(x)
@@ -163,9 +164,9 @@ def test_cpu_dropout_drops_with_probability_p_and_keeps_the_expectation(p):
     assert abs(kept.float().mean().item() - (1 - p)) < 3e-3
     for lane in range(4):  # every 16-bit lane of the random words is uniform
         assert abs(kept.view(-1)[lane::4].float().mean().item() - (1 - p)) < 5e-3
-    assert abs(y.sum().item() / x.sum().item() - 1) < 3e-3
+    assert abs(y.float().sum().item() / x.float().sum().item() - 1) < 3e-3
     y.sum().backward()  # the gradient passes exactly the kept elements, scaled alike
-    torch.testing.assert_close(x.grad, (y / x).detach())
+    torch.testing.assert_close(x.grad, (y.float() / x.float()).detach().to(dtype))  # within dtype's rounding
     torch.manual_seed(1)
     assert torch.equal(drop(x), y)  # follows torch's seed, as F.dropout does (resumes repeat it)
     assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
