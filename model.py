@@ -9,6 +9,7 @@ checkpoints load unchanged. Three toggles set this model apart:
   wte/lm_head weight from a given matrix.
 """
 
+import os
 import math
 import pickle
 import inspect
@@ -411,6 +412,17 @@ def load_checkpoint(ckpt_path, device='cpu', override_args=None):
     except (KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"{ckpt_path} is not a checkpoint of this model.py ({str(e).strip().splitlines()[0]})") from None
     return model, checkpoint
+
+
+def write_checkpoint(checkpoint, path):
+    """torch.save to a temporary file first, synced, then renamed over path: a crash or kill while writing
+    leaves the previous checkpoint intact."""
+    tmp_path = path + '.tmp'
+    with open(tmp_path, 'wb') as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
 
 
 class PlainUnpickler(pickle.Unpickler):

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
 import runtime
-from model import GPTConfig, GPT, fit_embedding_matrix, load_checkpoint, load_meta
+from model import GPTConfig, GPT, fit_embedding_matrix, load_checkpoint, load_meta, write_checkpoint
 
 # -----------------------------------------------------------------------------
 # settings; the defaults train GPT-2 small (124M) on OpenWebText
@@ -361,13 +361,7 @@ def save_checkpoint():
         'config': config,
     }
     print(f"saving checkpoint to {out_dir}")
-    # to a temporary file first: a crash or kill while writing leaves the previous checkpoint intact
-    tmp_path = ckpt_path + '.tmp'
-    with open(tmp_path, 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, ckpt_path)
+    write_checkpoint(checkpoint, ckpt_path)
 
 
 # training loop

@@ -5,7 +5,6 @@ import torch
 
 import torch.nn.functional as F
 
-
 import loss as loss_module
 from loss import chunked_cross_entropy, chunked_loss
 from model import GPT, GPTConfig, alibi_slopes, clean_state_dict, fit_embedding_matrix
