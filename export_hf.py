@@ -108,7 +108,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 hf_config = GPT2Config(
     vocab_size=c.vocab_size, n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-    n_head=c.n_head, activation_function='gelu_new', layer_norm_epsilon=1e-5,
+    n_head=c.n_head, activation_function='gelu_new' if c.gelu == 'tanh' else 'gelu', layer_norm_epsilon=1e-5,
     resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=True,
     bos_token_id=None if char_level else GPT2_VOCAB - 1, eos_token_id=None if char_level else GPT2_VOCAB - 1,
     architectures=['GPT2LMHeadModel'])

@@ -34,6 +34,7 @@ class GPTConfig:
     bias: bool = True  # bias in Linears and LayerNorms, as GPT-2; False is a bit faster and better
     flash_attn: bool = True
     alibi: bool = False
+    gelu: str = 'erf'  # the exact GELU, as nanoGPT; 'tanh': GPT-2's approximation, which its weights were trained with
 
 
 class Linear(nn.Linear):
@@ -123,7 +124,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate='tanh')  # GPT-2's GELU, so OpenAI's weights give Hugging Face's logits
+        self.gelu = nn.GELU(approximate='none' if config.gelu == 'erf' else 'tanh')  # erf: 2-4x faster on a CPU
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
 
@@ -276,8 +277,11 @@ class GPT(nn.Module):
         import transformers
         hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
         c = hf_model.config
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                           n_head=c.n_head, n_embd=c.n_embd, bias=True, dropout=override_args.get('dropout', 0.0))
+        gelu = {'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh', 'gelu': 'erf'}.get(c.activation_function)
+        if gelu is None:
+            raise ValueError(f"{name_or_path} has activation_function='{c.activation_function}': not 'gelu_new' or 'gelu'")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                           n_embd=c.n_embd, bias=True, gelu=gelu, dropout=override_args.get('dropout', 0.0))
         print(f"loading weights from pretrained gpt: {name_or_path} "
               f"(n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd})")
         model = cls(config)
@@ -407,6 +411,8 @@ def load_checkpoint(ckpt_path, device='cpu', override_args=None):
                          f"only checkpoints of tensors and plain values load") from None
     try:
         model_args = {**checkpoint['model_args'], **(override_args or {})}
+        # older checkpoints have no gelu: ours (with an alibi key) used GPT-2's tanh GELU, nanoGPT's the exact one
+        model_args.setdefault('gelu', 'tanh' if 'alibi' in checkpoint['model_args'] else 'erf')
         model = GPT(GPTConfig(**model_args))  # nanoGPT's lack flash_attn and alibi: the defaults match
         model.load_state_dict(clean_state_dict(checkpoint['model']))
     except (KeyError, TypeError, RuntimeError) as e:

@@ -59,6 +59,7 @@ dropout = 0.0  # pretraining does well without; finetuning may want 0.1 or more
 bias = False  # biases in Linears and LayerNorms (GPT-2 has them; without is a bit faster)
 flash_attn = True  # attention through scaled_dot_product_attention, else the explicit softmax
 alibi = False  # ALiBi position biases instead of learned position embeddings
+gelu = 'erf'  # the exact GELU, as nanoGPT; 'tanh': GPT-2's approximation (init_from='gpt2*' takes the weights' own)
 pre_trained_embs = False  # start the token embeddings from data/<dataset>/emb_mat.pt
 # AdamW
 learning_rate = 6e-4  # the peak, reached after warmup
@@ -95,6 +96,7 @@ check('n_embd', lambda v: v % n_head == 0, f'a multiple of n_head={n_head}')
 check('min_lr', lambda v: not decay_lr or 0 <= v <= learning_rate, f'in [0, learning_rate={learning_rate}] (or decay_lr=False)')
 for k in ('dropout', 'beta1', 'beta2'):
     check(k, lambda v: 0 <= v < 1, 'in [0, 1)')
+check('gelu', lambda v: v in ('erf', 'tanh'), "'erf' (the exact GELU, as nanoGPT) or 'tanh' (GPT-2's)")
 check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
 check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 check('out_dir', lambda v: v, 'a directory name')
@@ -123,12 +125,12 @@ if init_from == 'resume':  # as in nanoGPT, the checkpoint defines the model: it
         fail(str(e))
     if missing := [k for k in ('optimizer', 'iter_num', 'best_val_loss') if k not in checkpoint]:
         fail(f"{ckpt_path} has no {', '.join(missing)}: it holds a model but not a training run to resume; sample from it instead")
-    shape = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'alibi')}
+    shape = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'alibi', 'gelu')}
     overridden = {k: v for k, v in shape.items() if v != config[k]}
     if overridden and master_process:
         print(f"resuming with the checkpoint's {', '.join(f'{k}={v}' for k, v in overridden.items())} "
               f"(the settings said {', '.join(str(config[k]) for k in overridden)})")
-    n_layer, n_head, n_embd, block_size, bias, alibi = shape.values()
+    n_layer, n_head, n_embd, block_size, bias, alibi, gelu = shape.values()
     config.update(shape)
 
 try:
@@ -213,7 +215,7 @@ if os.path.exists(meta_path):
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta_vocab_size or 50304,  # GPT-2's 50257 rounded up for efficiency
-                  dropout=dropout, flash_attn=flash_attn, alibi=alibi)
+                  dropout=dropout, flash_attn=flash_attn, alibi=alibi, gelu=gelu)
 iter_num = 0
 best_val_loss = 1e9
 try:

@@ -26,7 +26,7 @@ def project(tmp_path_factory):
     for name, alibi in [('out-learned', False), ('out-alibi', True)]:
         torch.manual_seed(0)
         model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False, vocab_size=VOCAB,
-                          dropout=0.0, flash_attn=True, alibi=alibi)
+                          dropout=0.0, flash_attn=True, alibi=alibi, gelu='erf')
         (root / name).mkdir()
         torch.save(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args, iter_num=0,
                         config=dict(dataset='tiny', block_size=16)), root / name / 'ckpt.pt')

@@ -39,7 +39,8 @@ def tiny_model(seed=0, **kw):
 def write_checkpoint(path, model, dataset):
     c = model.config
     model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
-                      bias=c.bias, vocab_size=c.vocab_size, dropout=c.dropout, flash_attn=c.flash_attn, alibi=c.alibi)
+                      bias=c.bias, vocab_size=c.vocab_size, dropout=c.dropout, flash_attn=c.flash_attn, alibi=c.alibi,
+                      gelu=c.gelu)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({'model': model.state_dict(), 'optimizer': {}, 'model_args': model_args, 'iter_num': 10,
                 'best_val_loss': 2.0, 'config': {'dataset': dataset}}, path)
@@ -75,14 +76,15 @@ def full_logits(model, x):
         return model(x, targets=x)[0]  # with targets: the logits at every position
 
 
-@pytest.mark.parametrize('bias', [False, True])
-def test_bpe_export_gives_our_logits_in_transformers(repo, monkeypatch, capsys, bias):
+@pytest.mark.parametrize('bias,gelu', [(False, 'erf'), (True, 'erf'), (True, 'tanh')])
+def test_bpe_export_gives_our_logits_in_transformers(repo, monkeypatch, capsys, bias, gelu):
     from transformers import AutoModelForCausalLM
-    model = tiny_model(bias=bias)
+    model = tiny_model(bias=bias, gelu=gelu)
     write_checkpoint(str(repo / 'out' / 'ckpt.pt'), model, 'somebpe')
     export(repo, monkeypatch, capsys)
     hf = AutoModelForCausalLM.from_pretrained(repo / 'hf').eval()
     assert hf.config.vocab_size == 50304 and hf.config.n_positions == 16  # the padded rows are there
+    assert hf.config.activation_function == {'erf': 'gelu', 'tanh': 'gelu_new'}[gelu]
     x = ids(16, 50304)
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, full_logits(model, x), rtol=1e-5, atol=1e-4)

@@ -145,7 +145,7 @@ def test_script_scores_a_checkpoint(hf_dir, items_file, tmp_path):
     model = GPT.from_pretrained(str(hf_dir))
     c = model.config
     model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
-                      bias=c.bias, vocab_size=c.vocab_size, dropout=0.0)  # as an old nanoGPT checkpoint: no flash_attn/alibi
+                      bias=c.bias, vocab_size=c.vocab_size, dropout=0.0, gelu=c.gelu)  # no flash_attn/alibi, as nanoGPT's
     torch.save(dict(model=model.state_dict(), model_args=model_args, iter_num=0, config={}), tmp_path / 'ckpt.pt')
     proc = run_script(f'--out_dir={tmp_path}', f'--file={items_file}', '--limit=5', '--batch_size=2')
     assert proc.returncode == 0, proc.stderr

@@ -365,6 +365,55 @@ def test_generate_top_k_samples_only_from_top_k():
         assert (top5 == out[:, t:t + 1]).any(dim=1).all()
 
 
+def test_checkpoints_without_a_gelu_key_keep_the_gelu_they_were_trained_with(tmp_path):
+    """Before the gelu setting, our checkpoints (they have an alibi key) ran GPT-2's tanh GELU and nanoGPT's
+    the exact one: each loads with its own, and a checkpoint that names its GELU gets that one."""
+    from model import load_checkpoint
+    torch.manual_seed(0)
+    tanh_model = GPT(tiny_config(gelu='tanh')).eval()
+    with torch.no_grad():
+        for p in tanh_model.parameters():
+            p.normal_(0.0, 0.3)  # far from the init, where the GELUs' inputs are too small to tell them apart
+    erf_model = GPT(tiny_config(gelu='erf')).eval()
+    erf_model.load_state_dict(tanh_model.state_dict())
+    idx = torch.randint(0, 96, (2, 32))
+    with torch.no_grad():
+        tanh_logits, erf_logits = tanh_model(idx, idx)[0], erf_model(idx, idx)[0]
+    assert (tanh_logits - erf_logits).abs().max().item() > 1e-4  # the two GELUs tell apart in the logits
+    c = tanh_model.config
+    ours_before = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size, bias=c.bias,
+                       vocab_size=c.vocab_size, dropout=0.0, flash_attn=True, alibi=False)
+    nanogpt = {k: v for k, v in ours_before.items() if k not in ('flash_attn', 'alibi')}
+    for model_args, gelu, expected in [(ours_before, 'tanh', tanh_logits), (nanogpt, 'erf', erf_logits),
+                                       ({**nanogpt, 'gelu': 'tanh'}, 'tanh', tanh_logits),
+                                       ({**ours_before, 'gelu': 'erf'}, 'erf', erf_logits)]:
+        torch.save({'model': tanh_model.state_dict(), 'model_args': model_args}, tmp_path / 'ckpt.pt')
+        model = load_checkpoint(tmp_path / 'ckpt.pt')[0].eval()
+        assert model.config.gelu == gelu, model_args
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx, idx)[0], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('activation,gelu', [('gelu_new', 'tanh'), ('gelu_pytorch_tanh', 'tanh'), ('gelu', 'erf')])
+def test_from_pretrained_takes_the_checkpoints_gelu(tmp_path, activation, gelu):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=211, n_positions=64, n_embd=48, n_layer=2, n_head=4,
+                               activation_function=activation)).save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    assert model.config.gelu == gelu
+    idx = torch.randint(0, 211, (2, 40))
+    assert (model(idx, idx)[0] - hf_logits(tmp_path, idx)).abs().max().item() < 2e-5
+
+
+def test_from_pretrained_refuses_another_activation(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(vocab_size=211, n_positions=64, n_embd=48, n_layer=1, n_head=4,
+                               activation_function='relu')).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="activation_function='relu': not 'gelu_new' or 'gelu'"):
+        GPT.from_pretrained(str(tmp_path))
+
+
 def test_clean_state_dict_reads_compiled_and_non_flash_nanogpt_checkpoints():
     model = GPT(tiny_config())
     sd = {'_orig_mod.' + k: v for k, v in model.state_dict().items()}

@@ -165,13 +165,14 @@ def char_meta():
 
 
 def write_checkpoint(path, model, dataset, nanogpt_style=False):
-    """A checkpoint as train.py writes it; nanogpt_style: as nanoGPT's (compiled, no flash_attn/alibi)."""
+    """A checkpoint as train.py writes it; nanogpt_style: as nanoGPT's (compiled, no flash_attn/alibi/gelu)."""
     c = model.config
     model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
-                      bias=c.bias, vocab_size=c.vocab_size, dropout=c.dropout, flash_attn=c.flash_attn, alibi=c.alibi)
+                      bias=c.bias, vocab_size=c.vocab_size, dropout=c.dropout, flash_attn=c.flash_attn, alibi=c.alibi,
+                      gelu=c.gelu)
     state = model.state_dict()
     if nanogpt_style:
-        del model_args['flash_attn'], model_args['alibi']
+        del model_args['flash_attn'], model_args['alibi'], model_args['gelu']
         state = {'_orig_mod.' + k: v for k, v in state.items()}
         state.update({f'_orig_mod.transformer.h.{i}.attn.bias': torch.ones(1, 1, c.block_size, c.block_size).tril()
                       for i in range(c.n_layer)})

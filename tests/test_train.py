@@ -93,7 +93,7 @@ def test_short_run_lowers_loss_and_writes_checkpoint(repo):
     assert {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config'} <= set(ckpt)
     assert ckpt['iter_num'] == 30 and ckpt['best_val_loss'] == pytest.approx(evals[-1]['val_loss'])
     assert ckpt['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True,
-                                      vocab_size=VOCAB, dropout=0.1, flash_attn=True, alibi=False)
+                                      vocab_size=VOCAB, dropout=0.1, flash_attn=True, alibi=False, gelu='erf')
     assert ckpt['config']['dataset'] == 'tiny' and ckpt['config']['max_iters'] == 30
     model = GPT(GPTConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
@@ -101,14 +101,14 @@ def test_short_run_lowers_loss_and_writes_checkpoint(repo):
 
 
 def test_resume_reproduces_the_uninterrupted_run(repo):
-    run(repo, *TINY, '--max_iters=12', '--eval_interval=6', '--out_dir=straight')
-    run(repo, *TINY, '--max_iters=6', '--eval_interval=6', '--out_dir=stopped')
+    run(repo, *TINY, '--gelu=tanh', '--max_iters=12', '--eval_interval=6', '--out_dir=straight')
+    run(repo, *TINY, '--gelu=tanh', '--max_iters=6', '--eval_interval=6', '--out_dir=stopped')
     assert load_ckpt(repo / 'stopped' / 'ckpt.pt')['iter_num'] == 6
-    # as nanoGPT, without the shape settings: the checkpoint's shape wins over the defaults, and says so
+    # as nanoGPT, without the shape settings: the checkpoint's shape (and GELU) wins over the defaults, and says so
     settings = [arg for arg in TINY if not arg.startswith(SHAPE)]
     resumed = run(repo, *settings, '--max_iters=12', '--eval_interval=6', '--out_dir=stopped', '--init_from=resume')
-    assert ("resuming with the checkpoint's n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True "
-            "(the settings said 12, 12, 768, 1024, False)\n") in resumed.stdout
+    assert ("resuming with the checkpoint's n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, gelu=tanh "
+            "(the settings said 12, 12, 768, 1024, False, erf)\n") in resumed.stdout
     assert load_ckpt(repo / 'stopped' / 'ckpt.pt')['config']['n_layer'] == 2
     straight, resumed = read_log(repo, 'straight'), read_log(repo, 'stopped')
     assert iter_losses(resumed) == iter_losses(straight)  # dropout is on: its randomness must resume too
@@ -322,6 +322,7 @@ def error_of(repo, monkeypatch, *args):
     (['--pre_trained_embs=True'], ['no data/tiny/emb_mat.pt', 'python data/openwebtext/embmatrix.py']),
     (['--init_from=gtp2'], ["init_from='gtp2' is not"]),
     (['--dtype=float8'], ["dtype='float8' is not one of 'auto', 'float32', 'bfloat16', 'float16'"]),
+    (['--gelu=gelu_new'], ["gelu='gelu_new' is not 'erf' (the exact GELU, as nanoGPT) or 'tanh' (GPT-2's)"]),
     (['--batch_size=0'], ['batch_size=0 is not an integer >= 1']),
     (['--batch_size=None'], ['batch_size=None is not an integer >= 1']),
     (['--block_size=-16'], ['block_size=-16 is not an integer >= 1']),
@@ -433,7 +434,7 @@ def test_resumes_a_checkpoint_written_by_the_original_nanogpt(repo, tmp_path):
     ours = load_checkpoint(original / 'out' / 'ckpt.pt')[0].eval()
     x = torch.randint(0, VOCAB, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, x)[0], theirs(x, x)[0], rtol=0, atol=1e-4)
+        torch.testing.assert_close(ours(x, x)[0], theirs(x, x)[0], rtol=0, atol=1e-6)  # nanoGPT's exact GELU too
 
 
 def test_block_size_larger_than_the_pretrained_model(repo, monkeypatch, hf_dir):
