@@ -27,6 +27,7 @@ vocab_size = 50304
 bias = False
 flash_attn = True
 alibi = False
+gelu = 'erf'  # or 'tanh', GPT-2's (model.py); sample mode gives Hugging Face's model the same one
 real_data = True  # train on data/<dataset>/train.bin; False: random tokens
 dataset = 'openwebtext'
 seed = 1337
@@ -42,6 +43,7 @@ for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size
     check(k, lambda v: v >= 1, 'an integer >= 1')
 check('n_embd', lambda v: v % n_head == 0, f'a multiple of n_head={n_head}')
 check('top_k', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: no limit)')
+check('gelu', lambda v: v in ('erf', 'tanh'), "'erf' or 'tanh'")
 check('mode', lambda v: v in ('train', 'sample'), "'train' or 'sample'")
 check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
 check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
@@ -60,7 +62,7 @@ sync = lambda: runtime.synchronize(device_type)
 
 
 gptconf = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
-                    dropout=0.0, bias=bias, flash_attn=flash_attn, alibi=alibi)
+                    dropout=0.0, bias=bias, flash_attn=flash_attn, alibi=alibi, gelu=gelu)
 model = GPT(gptconf)
 model.to(device)
 
@@ -70,7 +72,8 @@ if mode == 'sample':
     if compile:
         model.compile(dynamic=True)  # in place, so generate's calls go through it; one graph for all lengths
     hf_config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
-                                        n_head=n_head, bos_token_id=None, eos_token_id=None)
+                                        n_head=n_head, bos_token_id=None, eos_token_id=None,
+                                        activation_function='gelu' if gelu == 'erf' else 'gelu_new')
     hf = transformers.GPT2LMHeadModel(hf_config).to(device).eval()  # random weights: speed only
     prompt = torch.zeros((batch_size, 1), dtype=torch.long, device=device)
 

@@ -125,6 +125,7 @@ def test_bench_train_without_data_is_a_one_line_error(tmp_path):
     (['--mode=sample', '--sample_rounds=0'], 'sample_rounds=0 is not an integer >= 1'),
     (['--mode=sample', '--top_k=0'], 'top_k=0 is not an integer >= 1'),
     (['--mode=sampel'], "mode='sampel' is not 'train' or 'sample'"),
+    (['--gelu=exact'], "gelu='exact' is not 'erf' or 'tanh'"),
     (['--dtype=half'], "dtype='half' is not one of 'auto', 'float32', 'bfloat16', 'float16'"),
     (['--device=cuda0'], "device='cuda0' is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
 ])
