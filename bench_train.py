@@ -1,7 +1,7 @@
 """
 Times train.py's whole loop on a CPU at three shapes, the runs alternating: as it runs by default, in float32
-(--dtype=float32: no bfloat16 autocast), and, given a checkout of the original nanoGPT, its train.py with the
-same flags. Prints each run's median ms/iteration and final val loss, then per shape the median and spread
+(--dtype=float32: no bfloat16 autocast; --float32=False leaves it out), and, given a checkout of the original
+nanoGPT, its train.py with the same flags. Prints each run's median ms/iteration and final val loss, then per shape the median and spread
 (min-max) over the repeats and the ratios. The shapes:
   quick   README's CPU quick start: 4 layers, 4 heads, 128 wide, block 64, batch 12 (65 characters)
   char    config/train_shakespeare_char.py as it is: 6/6/384, block 256, batch 64, dropout 0.2
@@ -26,6 +26,7 @@ char_iters = 20
 gpt2_iters = 50
 repeats = 3  # runs of each kind, alternating; the median and spread over them are reported
 nanogpt_dir = ''  # a checkout of github.com/karpathy/nanoGPT, to time its train.py too
+float32 = True  # time ours in float32 too (--dtype=float32: what bfloat16 autocast gains); False: quicker
 exec(open('configurator.py').read())
 for name in ('quick_iters', 'char_iters', 'gpt2_iters'):
     check(name, lambda v: v >= 6, 'an integer >= 6 (the first 5 iterations are not timed)')
@@ -51,7 +52,7 @@ for shape in chosen:
 if nanogpt_dir and not os.path.exists(os.path.join(nanogpt_dir, 'train.py')):
     sys.exit(f"{prog}: no train.py in nanogpt_dir={nanogpt_dir}: point it at a checkout of the original nanoGPT")
 
-kinds = {'ours': [], 'ours, float32': ['--dtype=float32']}  # kind: its extra flags
+kinds = {'ours': [], **({'ours, float32': ['--dtype=float32']} if float32 else {})}  # kind: its extra flags
 if nanogpt_dir:
     kinds['nanoGPT'] = []
 

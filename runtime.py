@@ -9,6 +9,7 @@ device_plan() makes the decisions from what the machine has, passed in, so that 
 are all tested on any machine.
 """
 import time
+import ctypes
 import platform
 import subprocess
 from contextlib import nullcontext
@@ -95,12 +96,28 @@ def setup(device, dtype, verbose=True, decoding=False):
                        has_mps, has_mps and torch.backends.mps.is_macos_or_newer(14, 0), cpu_has_bf16(), decoding)
     if plan['device_type'] == 'cuda':
         torch.set_float32_matmul_precision('high')  # TF32 for float32 matmuls: Ampere's tensor cores, ~1e-3 error
+    if plan['device_type'] == 'cpu':
+        keep_freed_memory()
     plan['ctx'] = torch.autocast(plan['device_type'], dtype=plan['autocast']) if plan['autocast'] else nullcontext()
     if verbose:
         name = f" ({torch.cuda.get_device_name(plan['device'])})" if plan['device_type'] == 'cuda' else ''
         precision = f"{plan['dtype']} autocast" if plan['autocast'] else 'float32'
         print(f"device {plan['device']}{name}, {precision}" + (f" ({plan['why']})" if plan['why'] else ''))
     return plan
+
+
+def keep_freed_memory():
+    """glibc hands the memory of freed tensors back to the kernel (large ones are mapped afresh for each tensor, the
+    heap's top is trimmed), so every training step faults the same pages in again: hundreds of faults a step, about a
+    tenth of a CPU quick-start step (bench_train.py). Freed memory is kept for the next step's tensors instead: the
+    process stays at its peak size. Does nothing where the C library has no mallopt (macOS, musl)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB (glibc's largest) come from the reused heap
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: the heap's free top is given back only past 1 GiB
+    mallopt(-2, 64 << 20)  # M_TOP_PAD: the heap grows 64 MiB at a time
 
 
 def grad_scaler(plan):
