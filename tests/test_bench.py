@@ -109,7 +109,7 @@ def test_bench_train_compares_ours_float32_and_nanogpt(tmp_path):
     result = subprocess.run([sys.executable, 'bench_train.py', '--shapes=quick', '--quick_iters=6', '--repeats=1',
                              '--nanogpt_dir=nanogpt', '--float32=False'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert 'float32' not in result.stdout and re.search(r'quick ours .*speed: [\d.]+x nanoGPT\n', result.stdout)
+    assert 'ours, float32' not in result.stdout and re.search(r'quick ours .*speed: [\d.]+x nanoGPT\n', result.stdout)
 
 
 def test_bench_train_without_data_is_a_one_line_error(tmp_path):
