@@ -78,7 +78,8 @@ def time_run(kind, shape, tmp):
         sys.exit(f"{prog}: the {kind} run of {shape} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
     iter_ms = [float(ms) for ms in re.findall(r'^iter \d+: .*time ([\d.]+)ms', result.stdout, re.M)]
     val_loss = float(re.findall(r'^step \d+: .*val loss ([\d.]+)', result.stdout, re.M)[-1])
-    return statistics.median(iter_ms[5:]), val_loss
+    short_spin = 'GOMP_SPINCOUNT=1000' in result.stdout  # ours found the CPUs busy at its start (openmp_wait.py)
+    return statistics.median(iter_ms[5:]), val_loss, short_spin
 
 
 print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
@@ -93,10 +94,11 @@ with tempfile.TemporaryDirectory() as tmp:
         for shape in chosen:
             for kind in kinds:
                 load = os.getloadavg()[0]
-                ms, val_loss = time_run(kind, shape, tmp)
+                ms, val_loss, short_spin = time_run(kind, shape, tmp)
                 results[(shape, kind)].append((ms, val_loss))
                 print(f"{shape:5s} {kind:19s} {ms:8.1f} ms/iter  val loss {val_loss:.4f} after {SHAPES[shape][1]} iters  "
-                      f"(load {load:.1f} before, {os.getloadavg()[0]:.1f} after)", flush=True)
+                      f"(load {load:.1f} before, {os.getloadavg()[0]:.1f} after)" +
+                      (", short OpenMP spin: the CPUs were busy at its start" if short_spin else ''), flush=True)
 
 print(f"medians over {repeats} alternating runs (spread min-max), CPU {cpu_name()}:")
 for shape in chosen:
