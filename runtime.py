@@ -108,12 +108,12 @@ def setup(device, dtype, verbose=True, decoding=False):
 
 def keep_freed_memory():
     """glibc hands the memory of freed tensors back to the kernel (large ones are mapped afresh for each tensor, the
-    heap's top is trimmed), so every training step faults the same pages in again: hundreds of faults a step, about a
-    tenth of a CPU quick-start step (bench_train.py). Freed memory is kept for the next step's tensors instead: the
-    process stays at its peak size. Does nothing where the C library has no mallopt (macOS, musl)."""
+    heap's top is trimmed), so every training step faults the same pages in again: hundreds of faults a step, 5-10% of
+    a CPU quick-start step (README, speed). Freed memory is kept for the next step's tensors instead: the
+    process stays at its peak size. Does nothing where the C library has no mallopt (macOS, musl, Windows)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows, which cannot open the process itself
         return
     mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB (glibc's largest) come from the reused heap
     mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: the heap's free top is given back only past 1 GiB
