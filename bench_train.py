@@ -1,8 +1,8 @@
 """
 Times train.py's whole loop on a CPU at three shapes, the runs alternating: as it runs by default, in float32
 (--dtype=float32: no bfloat16 autocast; --float32=False leaves it out), and, given a checkout of the original
-nanoGPT, its train.py with the same flags. Prints each run's median ms/iteration and final val loss, then per shape the median and spread
-(min-max) over the repeats and the ratios. The shapes:
+nanoGPT, its train.py with the same flags. Prints each run's median ms/iteration and final val loss, then per
+shape the median and spread (min-max) over the repeats and the ratios. The shapes:
   quick   README's CPU quick start: 4 layers, 4 heads, 128 wide, block 64, batch 12 (65 characters)
   char    config/train_shakespeare_char.py as it is: 6/6/384, block 256, batch 64, dropout 0.2
   gpt2    GPT-2's vocabulary (50304): 4/4/128, block 128, batch 8, on data/text (prepared from any English text)
