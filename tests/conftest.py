@@ -46,3 +46,89 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -----------------------------------------------------------------------------
+# helpers every test file shares: a copy of the repository, running a script, its one-line error, tiny models
+
+def copy_repo(dest):
+    """The repository's scripts (every top-level .py, config/, and the .py files under data/) copied to dest,
+    which is returned: a scratch repository to run them in, with its own data/ and out dirs."""
+    import glob
+    import shutil
+    for path in glob.glob(os.path.join(ROOT, '*.py')) + glob.glob(os.path.join(ROOT, 'config', '*.py')) + \
+            glob.glob(os.path.join(ROOT, 'data', '**', '*.py'), recursive=True):
+        target = os.path.join(dest, os.path.relpath(path, ROOT))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy(path, target)
+    return dest
+
+
+def run_script(cwd, script, *args, nproc=0, env=None, timeout=300, check=False):
+    """`python script *args` (or, with nproc, torchrun of nproc processes) in cwd, one OpenMP thread each
+    (tiny models, and a CPU shared with other jobs); the CompletedProcess. check: assert it succeeded."""
+    import subprocess
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] if nproc \
+        else [sys.executable]
+    result = subprocess.run([*launcher, str(script), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def assert_one_line_error(result, script, *fragments):
+    """The run failed with no traceback, and its last line on stderr is `script: ...` holding every fragment
+    (libraries may have logged before it). Returns that line."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+    last = (result.stderr.strip().splitlines() or [''])[-1]
+    assert last.startswith(f'{os.path.basename(str(script))}: '), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+def tiny_model(seed=0, **kw):
+    """A small random GPT, in eval mode, with weights (biases and LayerNorms too) far from their init, so that a
+    wrong transpose, a missing bias or a wrong activation shows in the logits."""
+    import torch
+    from model import GPT, GPTConfig
+    args = dict(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=True)
+    args.update(kw)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**args)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() == 2 else 0.1).add_(1.0 if p.dim() == 1 else 0.0)
+    return model
+
+
+def save_tiny_run(path, model, dataset, nanogpt_style=False, iter_num=10):
+    """A ckpt.pt as train.py writes it, for model trained on data/<dataset>; nanogpt_style: as the original
+    nanoGPT's (compiled names, causal-mask buffers, no flash_attn/alibi/gelu)."""
+    import torch
+    c = model.config
+    model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size, bias=c.bias,
+                      vocab_size=c.vocab_size, dropout=c.dropout, flash_attn=c.flash_attn, alibi=c.alibi, gelu=c.gelu)
+    state = model.state_dict()
+    if nanogpt_style:
+        del model_args['flash_attn'], model_args['alibi'], model_args['gelu']
+        state = {'_orig_mod.' + k: v for k, v in state.items()}
+        state.update({f'_orig_mod.transformer.h.{i}.attn.bias': torch.ones(1, 1, c.block_size, c.block_size).tril()
+                      for i in range(c.n_layer)})
+    optimizer = torch.optim.AdamW(model.parameters())
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    torch.save({'model': state, 'optimizer': optimizer.state_dict(), 'model_args': model_args, 'iter_num': iter_num,
+                'best_val_loss': 1.5, 'config': {'dataset': dataset, 'batch_size': 4, 'learning_rate': 1e-3}}, path)
+
+
+def save_hf_gpt2(path, vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2, seed=0, **kw):
+    """A small random GPT-2 in Hugging Face format at path (no download); returns path."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                               n_head=n_head, **kw)).save_pretrained(path)
+    return path
