@@ -1,14 +1,41 @@
 """
-Settings overrides, nanoGPT style. A script runs this file with
+Settings overrides, nanoGPT style, and the one way every script stops on bad input. A script runs this file with
     exec(open('configurator.py').read())
 after defining its settings as plain globals; then, for example,
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 runs config/train_shakespeare_char.py as Python and then sets batch_size and compile.
 --key=value overrides a known global (one whose value is a bool, int, float, str or None), the
-value read with ast.literal_eval (a plain string when that fails). An unknown key, a value of the
-wrong type, a malformed argument or a config file that fails (the error and its line) stops the program
-with a one-line error. --help lists the settings. check() is for each script's checks of the values.
+value read with ast.literal_eval (a plain string when that fails). A config file may import modules and
+define helpers: only the names it gives a bool, int, float, str or None are settings. An unknown key, a
+value of the wrong type, a malformed argument or a config file that fails (the error and its line) stops
+the program with a one-line error. --help lists the settings.
+After it, the script has fail(msg), which stops with one line `script: msg`, and check() for its checks of
+the values. Scripts that take no settings (data/) import fail: `from configurator import fail`.
 """
+
+
+def fail(msg, every_process=False):
+    """Stop with a one-line error, `script: msg`, and exit status 1. Under torchrun only the first process
+    prints it (every process checks the same settings), unless every_process: an error of this process alone."""
+    import os
+    import sys
+    prog = sys.argv[0] if sys.argv[0] and not os.path.isabs(sys.argv[0]) else os.path.basename(sys.argv[0] or 'python')
+    sys.exit(f"{prog}: {msg}" if every_process or os.environ.get('RANK', '0') == '0' else 1)
+
+
+def check(name, ok, valid):
+    """For the scripts' checks of their settings, before any work: unless ok(value) holds, stop with a
+    one-line error naming the setting, its value and what would be valid, e.g.
+        check('batch_size', lambda v: v >= 1, 'an integer >= 1')  ->  train.py: batch_size=0 is not an integer >= 1
+    A value ok cannot even compare (None where a number belongs) is not valid either."""
+    value = globals()[name]
+    try:
+        passed = ok(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: torch.device of a malformed string
+        passed = False
+    if not passed:
+        fail(f"{name}={value!r} is not {valid}")
+
 
 
 def _configure(settings):
@@ -18,14 +45,10 @@ def _configure(settings):
     import os
     import sys
     import traceback
-    import types
 
     prog = os.path.basename(sys.argv[0])
     known = {k: v for k, v in settings.items()
              if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))}
-
-    def fail(msg):
-        sys.exit(f"{prog}: {msg}")
 
     def unknown_key(key, where):
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
@@ -75,10 +98,12 @@ def _configure(settings):
                 lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == arg]
                 fail(f"config file {arg} line {lines[-1] if lines else '?'}: {type(e).__name__}: {e}")
             for key, value in namespace.items():
-                if key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                if key.startswith('_') or key in ('fail', 'check'):
                     continue
                 if key not in known:
-                    unknown_key(key, arg)
+                    if value is None or isinstance(value, (bool, int, float, str)):
+                        unknown_key(key, arg)
+                    continue  # an imported module, a helper function or a constant table: not a setting
                 if value is not known[key]:
                     known[key] = settings[key] = checked(key, value, arg)
         else:
@@ -98,22 +123,7 @@ def _configure(settings):
             known[key] = settings[key] = value
 
 
-_configure(globals())
+if __name__ != 'configurator':  # run by a script's exec(); `from configurator import fail` only defines
+    _configure(globals())
 del _configure
 
-
-def check(name, ok, valid):
-    """For the scripts' checks of their settings, before any work: unless ok(value) holds, stop with a
-    one-line error naming the setting, its value and what would be valid, e.g.
-        check('batch_size', lambda v: v >= 1, 'an integer >= 1')  ->  train.py: batch_size=0 is not an integer >= 1
-    A value ok cannot even compare (None where a number belongs) is not valid either."""
-    import os
-    import sys
-    value = globals()[name]
-    try:
-        passed = ok(value)
-    except (TypeError, ValueError, RuntimeError):  # RuntimeError: torch.device of a malformed string
-        passed = False
-    if not passed:
-        # under torchrun every process checks; the first one says why
-        sys.exit(f"{os.path.basename(sys.argv[0])}: {name}={value!r} is not {valid}" if os.environ.get('RANK', '0') == '0' else 1)

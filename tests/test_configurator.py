@@ -146,3 +146,20 @@ def test_check_under_torchrun_speaks_once(tmp_path):
     proc = run(tmp_path, '--batch_size=0', env={'RANK': '1'})
     assert proc.returncode == 1 and proc.stderr == ''
     assert result(run(tmp_path, '--batch_size=3', env={'RANK': '1'}))['batch_size'] == 3
+
+
+def test_config_file_may_import_modules_and_define_helpers(tmp_path):
+    """nanoGPT's config files are Python: imports, functions and tables are not settings; only the names they
+    give plain values are checked."""
+    (tmp_path / 'cfg.py').write_text("from math import sqrt\nimport os\n"
+                                     "def scaled(x):\n    return x * 2\n"
+                                     "TABLE = {'a': 1}\nbatch_size = scaled(int(sqrt(16)))\n")
+    out = result(run(tmp_path, 'cfg.py'))
+    assert out['batch_size'] == 8
+
+
+def test_fail_is_importable_without_running_the_configurator(tmp_path):
+    """data/ scripts take argparse flags, not settings: importing configurator gives them fail() and parses nothing."""
+    code = "import sys; sys.path.insert(0, %r); from configurator import fail; fail('bad input')" % ROOT
+    proc = subprocess.run([sys.executable, '-c', code, '--not-a-setting'], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip() == '-c: bad input', proc.stderr
