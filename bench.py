@@ -1,5 +1,6 @@
 """
-Benchmarks, with the same settings mechanism as train.py.
+Benchmarks of one model shape, with the same settings mechanism, device plan and CPU speed-ups as train.py
+and sample.py:
 mode='train': the training step (forward, backward, optimizer) on real or random data: ms/iter,
 tokens/s and MFU, or with profile=True a torch.profiler trace.
 mode='sample': generation tokens/s of GPT.generate with the KV cache, without it (nanoGPT's loop),
@@ -7,13 +8,15 @@ and of Hugging Face's GPT2LMHeadModel.generate on a model of the same shape, in 
     python bench.py --mode=sample --device=cpu --dtype=float32 --compile=False --batch_size=1 --n_layer=6 --n_head=6 --n_embd=384 --bias=True --vocab_size=65
 """
 import os
-import sys
 import time
 
+import cpu
+cpu.set_openmp_wait()  # as train.py: before torch loads OpenMP
 import numpy as np
 import torch
 
 import runtime
+from files import check_token_ids, open_bin
 from model import GPTConfig, GPT
 
 # -----------------------------------------------------------------------------
@@ -45,28 +48,33 @@ check('n_embd', lambda v: v % n_head == 0, f'a multiple of n_head={n_head}')
 check('top_k', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: no limit)')
 check('gelu', lambda v: v in ('erf', 'tanh'), "'erf' or 'tanh'")
 check('mode', lambda v: v in ('train', 'sample'), "'train' or 'sample'")
-check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
-check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 # -----------------------------------------------------------------------------
 
 if mode == 'sample' and 1 + max_new_tokens > block_size:
-    sys.exit(f"bench.py: 1 + max_new_tokens = {1 + max_new_tokens} is past block_size {block_size}, "
-             f"where Hugging Face's GPT-2 cannot go: raise block_size or lower max_new_tokens")
+    fail(f"1 + max_new_tokens = {1 + max_new_tokens} is past block_size {block_size}, where Hugging Face's GPT-2 "
+         f"cannot go: raise block_size or lower max_new_tokens")
 torch.manual_seed(seed)
 try:
-    plan = runtime.setup(device, dtype)
+    plan = runtime.setup(device, dtype, decoding=mode == 'sample', training=mode == 'train', flash_attn=flash_attn)
 except ValueError as e:
-    sys.exit(f"bench.py: {e}")
-device, device_type, ctx = plan['device'], plan['device_type'], plan['ctx']
+    fail(e)
+device, device_type, ctx = plan.device, plan.device_type, plan.ctx
 sync = lambda: runtime.synchronize(device_type)
-
-
 gptconf = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
-                    dropout=0.0, bias=bias, flash_attn=flash_attn, alibi=alibi, gelu=gelu)
+                    dropout=0.0, bias=bias, flash_attn=plan.flash_attn, alibi=alibi, gelu=gelu)
 model = GPT(gptconf)
 model.to(device)
+if device_type == 'cpu':
+    cpu.speed_up(model, training=mode == 'train')
 
-if mode == 'sample':
+
+def median_and_spread(xs):
+    xs = sorted(xs)
+    return f"{xs[len(xs) // 2]:.1f} ({xs[0]:.1f}-{xs[-1]:.1f})"
+
+
+def time_sampling():
+    """Tokens/s of our generate (KV cache, then nanoGPT's uncached loop) and of Hugging Face's, alternating."""
     import transformers
     model.eval()
     if compile:
@@ -85,16 +93,12 @@ if mode == 'sample':
         assert out.shape == (batch_size, 1 + n), out.shape  # really produced every token
         return batch_size * n / (time.perf_counter() - t0)
 
-    def median_and_spread(xs):
-        xs = sorted(xs)
-        return f"{xs[len(xs) // 2]:.1f} ({xs[0]:.1f}-{xs[-1]:.1f})"
-
     ours = lambda n: model.generate(prompt, n, top_k=top_k)
     theirs = lambda n: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                                    do_sample=True, top_k=top_k, pad_token_id=0)
     print(f"{n_layer} layers, {n_head} heads, {n_embd} wide, block_size {block_size}, vocab {vocab_size}, "
           f"batch {batch_size}, 1-token prompt, {max_new_tokens} new tokens, top_k {top_k}, {device} "
-          f"({runtime.device_name(device)}), {torch.get_num_threads()} threads, {plan['dtype']}")
+          f"({runtime.device_name(device)}), {torch.get_num_threads()} threads, {plan.dtype}")
     with torch.inference_mode(), ctx:  # both generate loops run without autograd bookkeeping
         tokens_per_s(ours, 20)  # warm up
         tokens_per_s(theirs, 20)
@@ -109,69 +113,69 @@ if mode == 'sample':
     print(f"tokens/s, median (min-max) of {sample_rounds}: KV cache {median_and_spread(cached)}, no cache (nanoGPT's loop) "
           f"{uncached:.1f}, Hugging Face generate {median_and_spread(hugging_face)}; "
           f"KV cache vs Hugging Face {median_and_spread(ratios)}x, vs no cache {sorted(cached)[len(cached) // 2] / uncached:.1f}x")
-    sys.exit(0)
 
-# mode == 'train'
-if real_data:
-    data_path = os.path.join('data', dataset, 'train.bin')
-    if not os.path.exists(data_path):
-        sys.exit(f"bench.py: no {data_path}: run python data/{dataset}/prepare.py first, or pass --real_data=False")
-    if os.path.getsize(data_path) % 2:
-        sys.exit(f"bench.py: {data_path} has an odd number of bytes, not whole uint16 tokens (cut short?): "
-                 f"re-create it with python data/{dataset}/prepare.py")
-    if os.path.getsize(data_path) // 2 <= block_size:
-        sys.exit(f"bench.py: {data_path} has {os.path.getsize(data_path) // 2} tokens, too few for block_size {block_size}")
-    train_data = np.memmap(data_path, dtype=np.uint16, mode='r')
+
+def batches():
+    """A function giving the next (x, y): windows of data/<dataset>/train.bin, or one fixed random batch."""
+    if not real_data:
+        x = torch.randint(vocab_size, (batch_size, block_size), device=device)
+        y = torch.randint(vocab_size, (batch_size, block_size), device=device)
+        return lambda: (x, y)
+    path = os.path.join('data', dataset, 'train.bin')
+    try:
+        train_data = open_bin(path, block_size + 1)
+    except ValueError as e:
+        fail(f"{e} (or pass --real_data=False)")
 
     def get_batch():
         ix = torch.randint(len(train_data) - block_size, (batch_size,))
         x = torch.stack([torch.from_numpy(train_data[i:i + block_size].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(train_data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
-        if max(x.max(), y.max()) >= vocab_size:  # microseconds, as in train.py
-            sys.exit(f"bench.py: {data_path} holds token id {max(x.max(), y.max()).item()}, past vocab_size {vocab_size}: "
-                     f"pass the dataset's --vocab_size")
-        if plan['pin_memory']:
+        try:
+            check_token_ids(max(x.max(), y.max()).item(), vocab_size, path)
+        except ValueError as e:
+            fail(f"{e} (pass the dataset's --vocab_size)")
+        if plan.pin_memory:
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
-else:
-    x = torch.randint(vocab_size, (batch_size, block_size), device=device)
-    y = torch.randint(vocab_size, (batch_size, block_size), device=device)
-    get_batch = lambda: (x, y)
-
-optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=device_type)
-scaler = runtime.grad_scaler(plan)
-if compile:
-    print("Compiling model...")
-    model = torch.compile(model)  # pytorch 2.0
+    return get_batch
 
 
-def train_step(X, Y):
-    with ctx:
-        _, loss = model(X, Y, return_logits=False)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.item()
+def time_training():
+    """ms per training step, tokens/s and MFU; or, with profile, a torch.profiler trace of a few steps."""
+    get_batch = batches()
+    optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=device_type)
+    scaler = runtime.grad_scaler(plan)
+    if compile:
+        print("Compiling model...")
+    step_model = torch.compile(model) if compile else model
 
+    def train_step(X, Y):
+        with ctx:
+            _, loss = step_model(X, Y, chunked_loss=plan.chunked_loss)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.item()
 
-if profile:
-    # torch.profiler over a few steps: wait, warm up, record; the trace opens in chrome://tracing or Perfetto
-    trace_path = 'trace_bench.json'
-    wait, warmup, active = 2, 2, 3
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == 'cuda' else [])
-    with torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active),
-                                on_trace_ready=lambda prof: prof.export_chrome_trace(trace_path),
-                                record_shapes=False, profile_memory=False, with_stack=False) as prof:
-        X, Y = get_batch()
-        for k in range(wait + warmup + active):
-            lossf = train_step(X, Y)
+    if profile:
+        # torch.profiler over a few steps: wait, warm up, record; the trace opens in chrome://tracing or Perfetto
+        trace_path = 'trace_bench.json'
+        wait, warmup, active = 2, 2, 3
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+        with torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active),
+                                    on_trace_ready=lambda prof: prof.export_chrome_trace(trace_path),
+                                    record_shapes=False, profile_memory=False, with_stack=False) as prof:
             X, Y = get_batch()
-            print(f"{k}/{wait + warmup + active} loss: {lossf:.4f}")
-            prof.step()
-    print(f"wrote profiler trace to {trace_path}")
-    print(prof.key_averages().table(sort_by='self_cuda_time_total' if device_type == 'cuda' else 'self_cpu_time_total', row_limit=15))
-else:
+            for k in range(wait + warmup + active):
+                lossf = train_step(X, Y)
+                X, Y = get_batch()
+                print(f"{k}/{wait + warmup + active} loss: {lossf:.4f}")
+                prof.step()
+        print(f"wrote profiler trace to {trace_path}")
+        print(prof.key_averages().table(sort_by='self_cuda_time_total' if device_type == 'cuda' else 'self_cpu_time_total', row_limit=15))
+        return
     peak, peak_note = runtime.peak_flops(plan)  # as train.py measures MFU
     print(f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_note})" if peak else f"MFU not shown: {peak_note}")
     X, Y = get_batch()
@@ -184,6 +188,11 @@ else:
             print(f"{k}/{num_steps} loss: {lossf:.4f}")
         sync()
         dt = time.perf_counter() - t0
-    raw_model = model._orig_mod if compile else model
-    mfu = f", MFU {raw_model.estimate_mfu(batch_size * num_steps, dt, peak) * 100:.2f}%" if peak else ""
+    mfu = f", MFU {model.estimate_mfu(batch_size * num_steps, dt, peak) * 100:.2f}%" if peak else ""
     print(f"time per iteration: {dt / num_steps * 1000:.2f} ms, {batch_size * block_size * num_steps / dt:,.0f} tokens/s{mfu}")
+
+
+if mode == 'sample':
+    time_sampling()
+else:
+    time_training()

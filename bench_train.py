@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 
+from runtime import device_name
+
 # -----------------------------------------------------------------------------
 shapes = 'quick,char,gpt2'  # which shapes to time, comma-separated
 quick_iters = 2000  # iterations of each run, per shape: the quick start runs whole, the others a sample
@@ -32,7 +34,6 @@ for name in ('quick_iters', 'char_iters', 'gpt2_iters'):
     check(name, lambda v: v >= 6, 'an integer >= 6 (the first 5 iterations are not timed)')
 check('repeats', lambda v: v >= 1, 'an integer >= 1')
 # -----------------------------------------------------------------------------
-prog = 'bench_train.py'
 SHAPES = {
     'quick': ('shakespeare_char', quick_iters, ['config/train_shakespeare_char.py', '--eval_iters=20',
                                                 f'--eval_interval={min(250, quick_iters)}', '--block_size=64',
@@ -45,25 +46,16 @@ SHAPES = {
 chosen = shapes.split(',')
 for shape in chosen:
     if shape not in SHAPES:
-        sys.exit(f"{prog}: unknown shape '{shape}' in --shapes={shapes}: choose from {','.join(SHAPES)}")
+        fail(f"unknown shape '{shape}' in --shapes={shapes}: choose from {','.join(SHAPES)}")
     path = os.path.join('data', SHAPES[shape][0], 'train.bin')
     if not os.path.exists(path):
-        sys.exit(f"{prog}: no {path} for the {shape} shape: run python data/{SHAPES[shape][0]}/prepare.py first (see --help)")
+        fail(f"no {path} for the {shape} shape: run python data/{SHAPES[shape][0]}/prepare.py first (see --help)")
 if nanogpt_dir and not os.path.exists(os.path.join(nanogpt_dir, 'train.py')):
-    sys.exit(f"{prog}: no train.py in nanogpt_dir={nanogpt_dir}: point it at a checkout of the original nanoGPT")
+    fail(f"no train.py in nanogpt_dir={nanogpt_dir}: point it at a checkout of the original nanoGPT")
 
 kinds = {'ours': [], **({'ours, float32': ['--dtype=float32']} if float32 else {})}  # kind: its extra flags
 if nanogpt_dir:
     kinds['nanoGPT'] = []
-
-
-def cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or 'unknown CPU'
 
 
 def time_run(kind, shape, tmp):
@@ -75,14 +67,14 @@ def time_run(kind, shape, tmp):
             f'--lr_decay_iters={iters}', f'--out_dir={os.path.join(tmp, "out")}', *kinds[kind]]
     result = subprocess.run([sys.executable, 'train.py', *args], cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(f"{prog}: the {kind} run of {shape} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+        fail(f"the {kind} run of {shape} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
     iter_ms = [float(ms) for ms in re.findall(r'^iter \d+: .*time ([\d.]+)ms', result.stdout, re.M)]
     val_loss = float(re.findall(r'^step \d+: .*val loss ([\d.]+)', result.stdout, re.M)[-1])
-    short_spin = 'GOMP_SPINCOUNT=1000' in result.stdout  # ours found the CPUs busy at its start (openmp_wait.py)
+    short_spin = 'GOMP_SPINCOUNT=1000' in result.stdout  # ours found the CPUs busy at its start (cpu.py)
     return statistics.median(iter_ms[5:]), val_loss, short_spin
 
 
-print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+print(f"CPU: {device_name('cpu')}, {os.cpu_count()} logical CPUs; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
 results = {(shape, kind): [] for shape in chosen for kind in kinds}
 with tempfile.TemporaryDirectory() as tmp:
     if nanogpt_dir:  # a copy of its scripts that reads our token bins
@@ -100,7 +92,7 @@ with tempfile.TemporaryDirectory() as tmp:
                       f"(load {load:.1f} before, {os.getloadavg()[0]:.1f} after)" +
                       (", short OpenMP spin: the CPUs were busy at its start" if short_spin else ''), flush=True)
 
-print(f"medians over {repeats} alternating runs (spread min-max), CPU {cpu_name()}:")
+print(f"medians over {repeats} alternating runs (spread min-max), CPU {device_name('cpu')}:")
 for shape in chosen:
     medians = {kind: statistics.median(ms for ms, _ in results[(shape, kind)]) for kind in kinds}
     for kind in kinds:

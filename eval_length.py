@@ -9,13 +9,12 @@ context the model sees. A model with learned positions has none past its block_s
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
 
 import runtime
-from model import load_checkpoint
+from files import check_token_ids, load_checkpoint, open_bin, os_error_text, write_atomically
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
@@ -31,34 +30,35 @@ for k in ('num_tokens', 'batch_tokens'):
     check(k, lambda v: v >= 1, 'an integer >= 1')
 check('lengths', lambda v: not v or all(s.strip().isdigit() and int(s) > 0 for s in v.split(',')),
       "a list of positive integers like '64,128,256' (or '': 0.5x, 1x, 2x, 4x block_size)")
-check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
-check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 # -----------------------------------------------------------------------------
-prog = 'eval_length.py'
 try:
     plan = runtime.setup(device, dtype)
 except ValueError as e:
-    sys.exit(f"{prog}: {e}")
-device, ctx = plan['device'], plan['ctx']
+    fail(e)
+device, ctx = plan.device, plan.ctx
+if json_out:  # checked before the work, not after it
+    try:
+        os.makedirs(os.path.dirname(json_out) or '.', exist_ok=True)
+        if os.path.isdir(json_out) or not os.access(os.path.dirname(json_out) or '.', os.W_OK):
+            raise PermissionError(13, 'a folder' if os.path.isdir(json_out) else 'not writable')
+    except OSError as e:
+        fail(f"cannot write json_out={json_out}: {os_error_text(e)}; pass a writable file path")
 
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if not os.path.exists(ckpt_path):
-    sys.exit(f"{prog}: no {ckpt_path}: train a model first (python train.py --out_dir={out_dir} ...)")
 try:
-    model, checkpoint = load_checkpoint(ckpt_path)
+    model, checkpoint = load_checkpoint(out_dir)
 except ValueError as e:
-    sys.exit(f"{prog}: {e}")
+    fail(e)
 model.eval().to(device)
 block_size, alibi = model.config.block_size, model.config.alibi
 
 dataset = dataset or checkpoint.get('config', {}).get('dataset', '')
+if not dataset:
+    fail(f"{out_dir}/ckpt.pt does not say which dataset it was trained on: pass --dataset=")
 val_path = os.path.join('data', dataset, 'val.bin')
-if not dataset or not os.path.exists(val_path):
-    sys.exit(f"{prog}: no {val_path}: run python data/{dataset or '<dataset>'}/prepare.py first, or pass --dataset=")
-if os.path.getsize(val_path) % 2:
-    sys.exit(f"{prog}: {val_path} has an odd number of bytes, not whole uint16 tokens (cut short?): "
-             f"re-create it with python data/{dataset}/prepare.py")
-data = np.memmap(val_path, dtype=np.uint16, mode='r') if os.path.getsize(val_path) else np.zeros(0, np.uint16)
+try:
+    data = open_bin(val_path, min_tokens=0)
+except ValueError as e:
+    fail(e)
 
 if lengths:
     context_lengths = [int(s) for s in lengths.split(',')]
@@ -66,16 +66,17 @@ else:
     context_lengths = [block_size // 2, block_size, 2 * block_size, 4 * block_size]
 fits = [L for L in context_lengths if L < len(data)]  # a window of L tokens needs L + 1 (its targets are shifted by one)
 if not fits:
-    sys.exit(f"{prog}: {val_path} has only {len(data)} tokens, too few for any of the lengths {context_lengths}")
+    fail(f"{val_path} has only {len(data)} tokens, too few for any of the lengths {context_lengths}")
 # the same tokens for every length (and for every model evaluated on this dataset with these lengths)
 n = min(num_tokens, len(data) - 1) // math.lcm(*fits) * math.lcm(*fits)
 if n == 0:
-    sys.exit(f"{prog}: num_tokens={num_tokens} is less than {math.lcm(*fits)}, the least multiple of the lengths {fits}")
+    fail(f"num_tokens={num_tokens} is less than {math.lcm(*fits)}, the least multiple of the lengths {fits}")
 x_all = torch.from_numpy(data[:n].astype(np.int64))
 y_all = torch.from_numpy(data[1:n + 1].astype(np.int64))
-if y_all.max() >= model.config.vocab_size or x_all.max() >= model.config.vocab_size:
-    sys.exit(f"{prog}: {val_path} holds token id {max(x_all.max(), y_all.max()).item()}, past the model's vocab_size "
-             f"{model.config.vocab_size}: it is not the data this model was trained on; pass its --dataset=")
+try:
+    check_token_ids(max(x_all.max(), y_all.max()).item(), model.config.vocab_size, val_path)
+except ValueError as e:
+    fail(e)
 
 results = []
 for L in context_lengths:
@@ -101,7 +102,9 @@ print(f"{'context':>8} {'x block':>8}  val loss")
 for r in results:
     print(f"{r['length']:>8} {r['length'] / block_size:>7g}x  " + (f"{r['loss']:.4f}" if r['loss'] is not None else f"n/a ({r['note']})"))
 if json_out:
-    os.makedirs(os.path.dirname(json_out) or '.', exist_ok=True)
-    with open(json_out, 'w') as f:
-        json.dump(dict(out_dir=out_dir, dataset=dataset, alibi=alibi, block_size=block_size, tokens=n, results=results), f, indent=1)
+    summary = dict(out_dir=out_dir, dataset=dataset, alibi=alibi, block_size=block_size, tokens=n, results=results)
+    try:
+        write_atomically(json_out, lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    except OSError as e:
+        fail(f"cannot write json_out={json_out}: {os_error_text(e)}")
     print(f"wrote {json_out}")

@@ -7,15 +7,17 @@ merges.txt, tokenizer.json), rebuilt offline from tiktoken's 'gpt2' encoding. A 
 vocabulary is its dataset's meta.pkl, copied beside the weights. bias=False models get zero biases.
 The files are written to a temporary directory beside hf_dir and renamed to hf_dir when complete.
 """
+import glob
 import json
 import os
+import pickle
 import shutil
-import sys
 import tempfile
 
 import torch
 
-from model import load_checkpoint, load_meta
+from files import load_checkpoint, load_meta, os_error_text
+from model import CONV1D_WEIGHTS, GPT2_VOCAB_SIZE
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run: its ckpt.pt is exported
@@ -26,12 +28,15 @@ check('out_dir', lambda v: v != '', "a training run's directory, e.g. 'out-shake
 check('hf_dir', lambda v: v != '' and os.path.abspath(v) not in (os.getcwd(), os.path.abspath(out_dir)),
       "a new directory, other than out_dir and '.', e.g. 'hf-shakespeare'")
 # -----------------------------------------------------------------------------
-GPT2_VOCAB = 50257  # GPT-2's BPE: 50,000 merges, 256 bytes and <|endoftext|>
-CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+# what an export holds: a directory with other files is not replaced (they would be lost)
+EXPORT_FILES = {'config.json', 'generation_config.json', 'model.safetensors', 'meta.pkl', 'vocab.json', 'merges.txt',
+                'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'added_tokens.json'}
 
 
-def fail(msg):
-    sys.exit(f"export_hf.py: {msg}")
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def bytes_to_unicode():
@@ -78,30 +83,39 @@ def write_gpt2_tokenizer(directory, model_max_length):
 
 
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if not os.path.isfile(ckpt_path):
-    fail(f"no checkpoint {ckpt_path}: train a model first, or pass --out_dir=<its directory>")
+parent = os.path.dirname(os.path.abspath(hf_dir))
 if os.path.exists(hf_dir) and not overwrite:
     fail(f"{hf_dir} already exists: pass --overwrite=True to replace it, or another --hf_dir")
 if os.path.exists(hf_dir) and not os.path.isfile(os.path.join(hf_dir, 'config.json')):
     fail(f"{hf_dir} exists and holds no config.json: not an exported model, so it is not replaced; pass another --hf_dir")
+if os.path.isdir(hf_dir) and (others := sorted(set(os.listdir(hf_dir)) - EXPORT_FILES)):
+    fail(f"{hf_dir} holds files an export does not write ({', '.join(others[:5])}): move them out first, "
+         f"or pass another --hf_dir; --overwrite=True replaces only an export's own files")
 try:
-    model, checkpoint = load_checkpoint(ckpt_path)
+    os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(13, 'not writable')
+except OSError as e:
+    fail(f"cannot write {hf_dir}: {os_error_text(e)} ({parent}); pass another --hf_dir")
+try:
+    model, checkpoint = load_checkpoint(out_dir)
 except ValueError as e:
-    fail(str(e))
+    fail(e)
 c = model.config
 if c.alibi:
     fail(f"{ckpt_path} is an ALiBi model, and GPT-2 (Hugging Face's GPT2LMHeadModel) has no ALiBi, only learned "
          f"positions: it cannot be exported as GPT-2")
 dataset = (checkpoint.get('config') or {}).get('dataset')
 meta_path = os.path.join('data', dataset, 'meta.pkl') if dataset else None
-char_level = bool(meta_path) and os.path.isfile(meta_path)
-if char_level:
+meta = (checkpoint.get('data') or {}).get('meta')  # the vocabulary the checkpoint records, if character-level
+if meta_path and os.path.isfile(meta_path):
     try:
-        load_meta(meta_path)  # refuses a meta.pkl that is not plain values
+        meta = load_meta(meta_path)  # refuses a meta.pkl that is not plain values
     except ValueError as e:
-        fail(str(e))
-elif c.vocab_size < GPT2_VOCAB:
-    fail(f"vocab_size={c.vocab_size} is smaller than GPT-2's {GPT2_VOCAB} but there is no {meta_path or 'meta.pkl'} "
+        fail(e)
+char_level = meta is not None
+if not char_level and c.vocab_size < GPT2_VOCAB_SIZE:
+    fail(f"vocab_size={c.vocab_size} is smaller than GPT-2's {GPT2_VOCAB_SIZE} but there is no {meta_path or 'meta.pkl'} "
          f"for its vocabulary: run from the repository the model was trained in")
 
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -110,7 +124,7 @@ hf_config = GPT2Config(
     vocab_size=c.vocab_size, n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
     n_head=c.n_head, activation_function='gelu_new' if c.gelu == 'tanh' else 'gelu', layer_norm_epsilon=1e-5,
     resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=True,
-    bos_token_id=None if char_level else GPT2_VOCAB - 1, eos_token_id=None if char_level else GPT2_VOCAB - 1,
+    bos_token_id=None if char_level else GPT2_VOCAB_SIZE - 1, eos_token_id=None if char_level else GPT2_VOCAB_SIZE - 1,
     architectures=['GPT2LMHeadModel'])
 hf_model = GPT2LMHeadModel(hf_config)
 ours = model.state_dict()
@@ -126,14 +140,22 @@ for k, v in hf_model.state_dict().items():
         fail(f"{ckpt_path} has no {k}, which GPT-2 needs")
 hf_model.load_state_dict(hf_state, strict=False)
 
-# everything into a temporary directory beside hf_dir, renamed when complete
-parent = os.path.dirname(os.path.abspath(hf_dir))
-os.makedirs(parent, exist_ok=True)
-tmp_dir = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(hf_dir)) + '.tmp-', dir=parent)
+# everything into a temporary directory beside hf_dir, renamed when complete; a killed export's leftovers go first
+prefix = os.path.join(parent, os.path.basename(os.path.abspath(hf_dir)) + '.tmp-')
+for leftover in sorted(glob.glob(glob.escape(prefix) + '*')):
+    if leftover.endswith('-old') and not os.path.exists(hf_dir):  # stopped between its two renames: the old one back
+        os.rename(leftover, hf_dir)
+        print(f"put {leftover} back as {hf_dir} (an export was stopped while replacing it)")
+        continue
+    shutil.rmtree(leftover, ignore_errors=True)
+    print(f"removed {leftover} (left by an export that was stopped)")
+tmp_dir = tempfile.mkdtemp(prefix=os.path.basename(prefix), dir=parent)
+os.chmod(tmp_dir, 0o777 & ~current_umask())  # mkdtemp makes it 0700: the export gets the user's usual permissions
 try:
     hf_model.save_pretrained(tmp_dir, safe_serialization=True)
     if char_level:
-        shutil.copy(meta_path, os.path.join(tmp_dir, 'meta.pkl'))
+        with open(os.path.join(tmp_dir, 'meta.pkl'), 'wb') as f:
+            pickle.dump(meta, f)
     else:
         write_gpt2_tokenizer(tmp_dir, c.block_size)
     if os.path.exists(hf_dir):  # overwrite=True: the old one goes aside, the new one in, then the old is removed
@@ -143,6 +165,11 @@ try:
         shutil.rmtree(old_dir)
     else:
         os.rename(tmp_dir, hf_dir)
+    for name in os.listdir(hf_dir):  # save_pretrained may write some files 0600: as the umask says instead
+        os.chmod(os.path.join(hf_dir, name), 0o666 & ~current_umask())
+except OSError as e:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    fail(f"cannot write {hf_dir}: {os_error_text(e)}; nothing was changed there")
 except BaseException:
     shutil.rmtree(tmp_dir, ignore_errors=True)
     raise
@@ -151,4 +178,4 @@ print(f"wrote {hf_dir}: GPT-2 of {c.n_layer} layers, {c.n_head} heads, {c.n_embd
 if char_level:
     print(f"the vocabulary is {meta_path} (copied to {hf_dir}/meta.pkl), characters, not a Hugging Face tokenizer")
 else:
-    print(f"tokenizer: GPT-2's BPE ({GPT2_VOCAB} tokens{'; the model has padded rows past them' if c.vocab_size > GPT2_VOCAB else ''})")
+    print(f"tokenizer: GPT-2's BPE ({GPT2_VOCAB_SIZE} tokens{'; the model has padded rows past them' if c.vocab_size > GPT2_VOCAB_SIZE else ''})")

@@ -5,11 +5,10 @@ tokens only, and the ending with the lowest loss is the answer. acc compares the
 acc_norm the loss per token (the figure usually quoted: GPT-2 124M gets acc_norm 0.2955).
     python hellaswag.py --init_from=gpt2
     python hellaswag.py --out_dir=out-gpt2 --limit=1000
-train.py imports load_hellaswag and evaluate_hellaswag to score its model during training.
+train.py imports examples_for_training and evaluate_hellaswag to score its model during training.
 """
 import json
 import os
-import sys
 from contextlib import nullcontext
 
 import torch
@@ -17,7 +16,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import runtime
-from model import GPT, load_checkpoint
+from files import load_checkpoint
+from model import GPT, GPT2_VOCAB_SIZE
 
 
 def download_hellaswag(path, url='https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'):
@@ -34,8 +34,10 @@ def load_hellaswag(path, limit=None):
     ctx (tokens), endings (4 token lists, each the encoding of ' ' + ending) and label."""
     import tiktoken
     enc = tiktoken.get_encoding('gpt2')
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a HellaSwag jsonl file (hellaswag_val.jsonl)")
     examples = []
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
         for lineno, line in enumerate(f, 1):
             if limit is not None and len(examples) >= limit:
                 break
@@ -43,12 +45,14 @@ def load_hellaswag(path, limit=None):
                 continue
             try:
                 item = json.loads(line)
-                examples.append(dict(ctx=enc.encode(item['ctx']), label=int(item['label']),
-                                     endings=[enc.encode(' ' + e) for e in item['endings']]))
+                ctx, endings, label = item['ctx'], item['endings'], item['label']
             except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{path} line {lineno} is not a HellaSwag item (JSON with ctx, endings, label)")
-            if len(examples[-1]['endings']) != 4:
-                raise ValueError(f"{path} line {lineno} has {len(examples[-1]['endings'])} endings, not 4")
+                raise ValueError(f"{path} line {lineno} is not a HellaSwag item (JSON with ctx, endings, label)") from None
+            if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+                raise ValueError(f"{path} line {lineno}: endings must be a list of 4 strings")
+            if not isinstance(ctx, str) or type(label) not in (int, str) or str(label) not in ('0', '1', '2', '3'):
+                raise ValueError(f"{path} line {lineno}: ctx must be a string and label 0, 1, 2 or 3 (got {label!r})")
+            examples.append(dict(ctx=enc.encode(ctx), label=int(label), endings=[enc.encode(' ' + e) for e in endings]))
     return examples
 
 
@@ -66,6 +70,8 @@ def examples_for_training(path, master_process=True, ddp=False):
         torch.distributed.barrier()  # the others wait for the download
     try:
         examples = load_hellaswag(path)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: point --hellaswag_file at hellaswag_val.jsonl") from None
     except (OSError, ValueError) as e:  # OSError: e.g. a machine that does not share the first process's disk
         raise ValueError(f"cannot read HellaSwag items ({e}): put {path} on every machine, or set hellaswag_interval=0") from None
     if not examples:
@@ -134,7 +140,7 @@ if __name__ == '__main__':  # (train.py imports the functions above)
     # -----------------------------------------------------------------------------
     init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a GPT-2 name ('gpt2', 'gpt2-medium', ...) or a local Hugging Face directory
     out_dir = 'out'
-    file = os.path.join('data', 'hellaswag', 'hellaswag_val.jsonl')  # downloaded when absent
+    hellaswag_file = os.path.join('data', 'hellaswag', 'hellaswag_val.jsonl')  # downloaded when absent
     limit = None  # score only the first limit items
     batch_size = 4  # items per forward pass, 4 candidates each
     device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -142,48 +148,44 @@ if __name__ == '__main__':  # (train.py imports the functions above)
     exec(open('configurator.py').read())
     check('batch_size', lambda v: v >= 1, 'an integer >= 1')
     check('limit', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: all items)')
-    check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
-    check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     # -----------------------------------------------------------------------------
-    prog = 'hellaswag.py'
     try:
         plan = runtime.setup(device, dtype)
     except ValueError as e:
-        sys.exit(f"{prog}: {e}")
-    device, ctx = plan['device'], plan['ctx']
+        fail(e)
     if init_from == 'resume':
-        ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"{prog}: no {ckpt_path}: train a model first (python train.py ...), or pass --init_from=gpt2")
         try:
-            model, checkpoint = load_checkpoint(ckpt_path)
+            model, checkpoint = load_checkpoint(out_dir)
         except ValueError as e:
-            sys.exit(f"{prog}: {e}")
+            fail(e)
         name = out_dir
     else:
         try:
             model = GPT.from_pretrained(init_from)
         except (OSError, ValueError) as e:
-            sys.exit(f"{prog}: cannot load {init_from!r}: {str(e).strip().splitlines()[0]}")
+            fail(f"cannot load {init_from!r}: {str(e).strip().splitlines()[0]}")
         name = init_from
-    if model.config.vocab_size < 50257:
-        sys.exit(f"{prog}: {name} has a vocabulary of {model.config.vocab_size} tokens; HellaSwag needs a model "
-                 f"of GPT-2's BPE tokens (vocab_size >= 50257), not a character-level one")
-    model.to(device)
+    if model.config.vocab_size < GPT2_VOCAB_SIZE:
+        fail(f"{name} has a vocabulary of {model.config.vocab_size} tokens; HellaSwag needs a model of GPT-2's BPE "
+             f"tokens (vocab_size >= {GPT2_VOCAB_SIZE}), not a character-level one")
+    model.to(plan.device)
 
-    if not os.path.exists(file):
+    if not os.path.exists(hellaswag_file):
         try:
-            download_hellaswag(file)
+            download_hellaswag(hellaswag_file)
         except OSError as e:
-            sys.exit(f"{prog}: cannot download {file} ({e}); fetch hellaswag_val.jsonl from github.com/rowanz/hellaswag "
-                     f"by hand and pass --file=path/to/it")
+            fail(f"cannot download {hellaswag_file} ({e}); fetch hellaswag_val.jsonl from github.com/rowanz/hellaswag "
+                 f"by hand and pass --hellaswag_file=path/to/it")
     try:
-        examples = load_hellaswag(file, limit)
-    except ValueError as e:
-        sys.exit(f"{prog}: {e}")
+        examples = load_hellaswag(hellaswag_file, limit)
+    except UnicodeDecodeError:
+        fail(f"{hellaswag_file} is not UTF-8 text: point --hellaswag_file at hellaswag_val.jsonl")
+    except (OSError, ValueError) as e:
+        fail(e)
     if not examples:
-        sys.exit(f"{prog}: no items to score in {file} (limit={limit})")
+        fail(f"no items to score in {hellaswag_file} (limit={limit})")
 
-    num_correct, num_correct_norm, num_total = evaluate_hellaswag(model, examples, device, batch_size, ctx, progress=True)
+    num_correct, num_correct_norm, num_total = evaluate_hellaswag(model, examples, plan.device, batch_size, plan.ctx,
+                                                                  progress=True)
     print(f"hellaswag {name}: {num_total} items, acc {num_correct / num_total:.4f} ({num_correct}/{num_total}), "
           f"acc_norm {num_correct_norm / num_total:.4f} ({num_correct_norm}/{num_total})")

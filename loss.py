@@ -1,6 +1,6 @@
 """
-The loss over the vocabulary in chunks of rows (train.py's model(X, Y, return_logits=False)): never holds
-the whole (rows, vocab) logits or their gradient.
+The loss over the vocabulary in chunks of rows (model(X, Y, chunked_loss=True); train.py's chunked_loss setting):
+never holds the whole (rows, vocab) logits or their gradient.
 """
 import torch
 from torch.nn import functional as F
@@ -69,7 +69,7 @@ def chunked_cross_entropy(x, weight, targets, chunk_rows=None):
     (rows, vocab) logits or their gradient: on a CPU, a fresh 200 MB tensor every step (GPT-2's vocabulary)
     costs more in page faults than its matrix product; on a GPU it is memory saved. The gradients are made
     in the forward pass, while each chunk's logits are at hand. Rows that fit in one chunk take torch's own
-    loss, in fewer operations (1.07x per step at the quick start's 65 characters)."""
+    loss, in fewer operations."""
     chunk_rows = chunk_rows or rows_per_chunk(weight.size(0), x.device.type)
     if chunk_rows >= x.size(0):
         return F.cross_entropy(F.linear(x, weight), targets, ignore_index=-1)

@@ -17,11 +17,8 @@ With gradient checkpointing a Block keeps only its input, and one Block's activa
 backward recomputes them. Not counted: the CUDA context and allocator slack (~1 GB) and the transient
 tensors of backward (e.g. the gradient of the logits).
 """
-from unittest import mock
-
 import torch
 
-import model as model_module
 from model import GPT, GPTConfig, Block
 
 GiB = 2 ** 30
@@ -38,9 +35,8 @@ def saved_bytes_per_sequence(forward):
         def keep(t):
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
-        # attention through sdpa, as a GPU trains (a CPU trains through the explicit products: model.uses_sdpa)
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast('cpu', torch.bfloat16), \
-                mock.patch.object(model_module, 'uses_sdpa', lambda flash_attn, device_type: flash_attn):
+        # the model as built (flash_attn=True: sdpa), as a GPU trains; train.py would pick explicit products on a CPU
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast('cpu', torch.bfloat16):
             out = forward(batch_size)
         totals.append(sum(saved.values()))
         del out
@@ -71,9 +67,7 @@ def parameter_counts(config):
 
 
 # the configs' runs: train_gpt2.py trains gpt2 from scratch; finetune_shakespeare.py starts from OpenAI's weights
-# (train_gpt2.py's ALiBi is left out: its bias sends a CPU's attention down the explicit path, which keeps the
-# T x T weights; a GPU's memory-efficient kernel keeps none, as with learned positions)
-runs = [('gpt2', 'config/train_gpt2.py', 24, dict(n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=50304, bias=False)),
+runs = [('gpt2', 'config/train_gpt2.py', 12, dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, bias=False)),
         ('gpt2-medium', 'config/finetune_shakespeare.py', 1, dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257)),
         ('gpt2-large', 'config/finetune_shakespeare.py', 1, dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257)),
         ('gpt2-xl', 'config/finetune_shakespeare.py', 1, dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257))]

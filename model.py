@@ -5,13 +5,12 @@ checkpoints load unchanged. Three toggles set this model apart:
 - flash_attn: attention through torch's scaled_dot_product_attention, or the explicit softmax.
 - alibi: no position embeddings; a per-head linear distance penalty (Press et al., 2021)
   that lets a model trained at block_size be evaluated at longer contexts.
-- pretrained token embeddings: GPT(config, embedding_matrix=...) starts the tied
+- pretrained token embeddings: GPT(config, pretrained_embeddings=...) starts the tied
   wte/lm_head weight from a given matrix.
+Speed-ups for CPUs live in cpu.py and are applied from outside; reading and writing files in files.py.
 """
 
-import os
 import math
-import pickle
 import inspect
 from dataclasses import dataclass
 
@@ -21,6 +20,10 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from loss import chunked_cross_entropy
+
+GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE: 50,000 merges, 256 bytes and <|endoftext|>
+# OpenAI's checkpoints use Conv1D modules, whose weights are the transpose of a Linear's
+CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 
 
 @dataclass
@@ -37,82 +40,43 @@ class GPTConfig:
     gelu: str = 'erf'  # the exact GELU, as nanoGPT; 'tanh': GPT-2's approximation, which its weights were trained with
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, init and state_dict), except for decoding on a CPU: a few rows without
-    autograd are multiplied as a batch of weight slices. MKL's matrix-vector product streams a weight at a third
-    of the memory's speed on some CPUs (AMD's); its batched product, given the rows in this layout, at full
-    speed. bench.py --mode=sample measures it."""
-
-    def forward(self, x):
-        slices = math.gcd(self.out_features, 8)
-        if x.device.type != 'cpu' or torch.is_grad_enabled() or x.numel() > 4 * x.size(-1) or slices == 1:
-            return F.linear(x, self.weight, self.bias)
-        w = self.weight.view(slices, -1, self.in_features)
-        xt = x.reshape(-1, self.in_features).t().expand(slices, -1, -1)  # (in, rows), strides (1, in)
-        y = torch.bmm(w, xt) if self.bias is None else torch.baddbmm(self.bias.view(slices, -1, 1), w, xt)
-        return y.view(self.out_features, -1).t().reshape(*x.shape[:-1], self.out_features)
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout, except that a CPU draws its masks from 64 random bits per four elements, one 16-bit lane
-    each, cut at a threshold: 2.5x faster than the bernoulli_ of F.dropout, which took 30% of a training step
-    at the shakespeare_char shape. Drops each element with probability p rounded to 1/65536, and scales the
-    kept ones so that the expectation is unchanged."""
-
-    def forward(self, x):
-        dropped = round(self.p * 65536)  # of the 65536 values of a 16-bit lane
-        if not self.training or x.device.type != 'cpu' or not 0 < dropped < 65536:
-            return super().forward(x)
-        bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # all 64 bits random
-        lanes = bits.view(torch.int16)[:x.numel()].view(x.shape)
-        keep = lanes.clamp_(dropped - 32769, dropped - 32768).sub_(dropped - 32769)  # int16 1 (kept) or 0
-        # the mask in x's dtype without a bool tensor in between: a CPU casts bools, or multiplies by them, 2x slower
-        one_bits = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}.get(x.dtype)  # 1.0 as a 16-bit float's bits
-        mask = keep.mul_(one_bits).view(x.dtype) if one_bits else keep.to(x.dtype)
-        return torch.addcmul(x.new_zeros(()), x, mask, value=65536 / (65536 - dropped))
-
-
-def uses_sdpa(flash_attn, device_type):
-    """Whether attention goes through scaled_dot_product_attention (flash_attn), or the explicit products. A CPU
-    training under autocast takes the explicit products: 1.1-1.5x faster per step than sdpa's CPU kernels, whose
-    bfloat16 backward is slow (bench_train.py); its evaluations and sampling keep sdpa's fused forward."""
-    return flash_attn and not (device_type == 'cpu' and torch.is_grad_enabled() and torch.is_autocast_enabled('cpu'))
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         # key, query, value projections for all heads, in one batch
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = Dropout(config.dropout)
-        self.resid_dropout = Dropout(config.dropout)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.flash_attn = config.flash_attn
+        self.alibi = config.alibi
         self.block_size = config.block_size
 
-    def forward(self, x, attn_bias=None, kv_cache=None, pos=0):
+    def forward(self, x, attn_bias, kv_cache=None, pos=0):
         B, T, C = x.size()  # batch size, sequence length, embedding width (n_embd)
-        # one view and one transpose make the (B, nh, T, hs) views of q, k, v: fewer small ops per decoded token
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).transpose(1, 3).unbind(2)
-        if kv_cache is not None:
-            if pos == 0:  # the prompt: allocate room for a whole context once, never grow it
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:  # decoding: the keys and values of positions 0..pos-1 are kept from earlier calls
+            if pos == 0:  # the prompt: room for a whole context, allocated once, never grown
                 kv_cache[:] = [k.new_empty(B, self.n_head, max(T, self.block_size), C // self.n_head) for _ in range(2)]
             kv_cache[0][:, :, pos:pos + T] = k
             kv_cache[1][:, :, pos:pos + T] = v
-            k, v = kv_cache[0][:, :, :pos + T], kv_cache[1][:, :, :pos + T]
-        if uses_sdpa(self.flash_attn, x.device.type):
-            # attn_bias is None only for plain causal attention, which needs no mask when T == 1
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
-                                               dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=attn_bias is None and T > 1)
+            k, v = kv_cache[0][:, :, :pos + T], kv_cache[1][:, :, :pos + T]  # (B, nh, Tk, hs), Tk = pos + T
+        if self.flash_attn:
+            # plain causal attention needs no mask: is_causal says it, and one query may see every key
+            mask = attn_bias if self.alibi or T not in (1, k.size(2)) else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=mask is None and T > 1)
         else:
-            att = (q * (1.0 / math.sqrt(k.size(-1)))) @ k.transpose(-2, -1)  # (B, nh, T, Tk); q is the smaller to scale
-            att = F.softmax(att + attn_bias, dim=-1)
+            att = (q * (1.0 / math.sqrt(k.size(-1)))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
+            att = F.softmax(att + attn_bias, dim=-1)  # -inf above the diagonal; with ALiBi, -slope * distance
             att = self.attn_dropout(att)
             y = att @ v  # (B, nh, T, Tk) x (B, nh, Tk, hs) -> (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
@@ -123,10 +87,10 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate='none' if config.gelu == 'erf' else 'tanh')  # erf: 2-4x faster on a CPU
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = Dropout(config.dropout)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate='none' if config.gelu == 'erf' else 'tanh')
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -141,7 +105,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_bias=None, kv_cache=None, pos=0):
+    def forward(self, x, attn_bias, kv_cache=None, pos=0):
         x = x + self.attn(self.ln_1(x), attn_bias, kv_cache, pos)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -149,7 +113,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
 
-    def __init__(self, config, embedding_matrix=None):
+    def __init__(self, config, pretrained_embeddings=None):
         super().__init__()
         assert config.vocab_size is not None
         assert config.block_size is not None
@@ -160,13 +124,13 @@ class GPT(nn.Module):
             # ALiBi puts position into the attention scores instead; wpe comes second, as in nanoGPT,
             # because optimizer states are matched to parameters by order when a checkpoint resumes
             **({} if config.alibi else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
-            drop=Dropout(config.dropout),
+            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one tensor, two uses
-        self._attn_bias_cache = {}  # (device, dtype) -> (n_head or 1, L, L) additive attention bias
+        self._attn_bias_cache = {}  # (device, dtype) -> the (n_head or 1, L, L) additive attention bias
         self.gradient_checkpointing = False  # True: training keeps only each Block's input and recomputes the rest in backward
 
         self.apply(self._init_weights)
@@ -175,8 +139,8 @@ class GPT(nn.Module):
             if pn.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         # loaded after the tying above, so that the tied weight really holds the given matrix
-        if embedding_matrix is not None:
-            self.load_token_embeddings(embedding_matrix)
+        if pretrained_embeddings is not None:
+            self.load_pretrained_embeddings(pretrained_embeddings)
 
     def get_num_params(self, non_embedding=True):
         """Number of parameters; by default without the position embeddings (the token
@@ -195,23 +159,21 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @torch.no_grad()
-    def load_token_embeddings(self, embedding_matrix):
+    def load_pretrained_embeddings(self, embeddings):
         """Start the tied wte/lm_head weight from a [vocab, n_embd] matrix. Rows past its
         vocabulary (the padding up to vocab_size) keep their random init."""
-        emb = torch.as_tensor(embedding_matrix)
+        emb = torch.as_tensor(embeddings)
         V, C = self.config.vocab_size, self.config.n_embd
         if emb.dim() != 2 or emb.size(0) > V or emb.size(1) != C:
             raise ValueError(f"embedding matrix has shape {list(emb.shape)} but this model needs "
-                             f"[vocab <= {V}, {C}]; build it for n_embd={C} (see fit_embedding_matrix)")
+                             f"[vocab <= {V}, {C}]; fit it to n_embd={C} with fit_pretrained_embeddings")
         self.transformer.wte.weight[:emb.size(0)].copy_(emb)
 
     @torch.compiler.disable  # python-side caching; keeps the compiled graph free of it
     def attention_bias(self, Tq, Tk, device, dtype):
-        """Additive attention bias for the last Tq of Tk positions: -inf above the diagonal, and
-        -slope * distance with ALiBi. None where sdpa needs no mask (is_causal, or one query).
-        Built once per (device, dtype) for the longest length seen and sliced after that."""
-        if uses_sdpa(self.config.flash_attn, device.type) and not self.config.alibi and Tq in (1, Tk):
-            return None
+        """Additive attention bias for the last Tq of Tk positions: -inf above the diagonal (a query
+        sees no later key), and -slope * distance with ALiBi. Built once per (device, dtype) for the
+        longest length seen and sliced after that."""
         bias = self._attn_bias_cache.get((device, dtype))
         if bias is None or bias.size(-1) < Tk:
             L = max(Tk, self.config.block_size)
@@ -223,16 +185,16 @@ class GPT(nn.Module):
             self._attn_bias_cache[(device, dtype)] = bias
         return bias[:, Tk - Tq:Tk, :Tk]
 
-    def forward(self, idx, targets=None, kv_cache=None, pos=0, return_logits=True):
+    def forward(self, idx, targets=None, kv_cache=None, pos=0, chunked_loss=False):
         """idx: (B, T) token ids at positions pos..pos+T-1. kv_cache: a list of one list per
-        layer, filled at pos=0 and extended after that (see generate). With targets and
-        return_logits=False the loss never holds all logits at once (chunked_cross_entropy), and logits is None."""
+        layer, filled at pos=0 and extended after that (see generate). With targets and chunked_loss,
+        the loss is computed a few rows at a time (loss.py), never holding all logits: logits is None."""
         device = idx.device
         b, t = idx.size()
         if not self.config.alibi and pos + t > self.config.block_size:
             raise ValueError(f"cannot forward a sequence of length {pos + t}: block_size is only "
                              f"{self.config.block_size} (learned positions); use alibi=True to go longer")
-        x = self.transformer.wte(idx)
+        x = self.transformer.wte(idx)  # (B, T, n_embd)
         if not self.config.alibi:
             x = x + self.transformer.wpe(torch.arange(pos, pos + t, dtype=torch.long, device=device))
         x = self.transformer.drop(x)
@@ -246,7 +208,7 @@ class GPT(nn.Module):
                 x = block(x, attn_bias, None if kv_cache is None else kv_cache[i], pos)
         x = self.transformer.ln_f(x)
 
-        if targets is not None and not return_logits:
+        if targets is not None and chunked_loss:
             logits, loss = None, chunked_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1))
         elif targets is not None:
             logits = self.lm_head(x)
@@ -290,11 +252,9 @@ class GPT(nn.Module):
         if set(sd_hf) != set(sd):
             raise ValueError(f"{name_or_path} is not a GPT-2 checkpoint we can map: "
                              f"differing keys {sorted(set(sd_hf) ^ set(sd))[:5]}")
-        # OpenAI's checkpoints use Conv1D modules, whose weights are the transpose of a Linear's
-        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
         with torch.no_grad():
             for k, v in sd_hf.items():
-                sd[k].copy_(v.t() if k.endswith(transposed) else v)
+                sd[k].copy_(v.t() if k.endswith(CONV1D_WEIGHTS) else v)
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -365,7 +325,7 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# helpers: ALiBi slopes, pretrained embeddings, and safe loading of checkpoints and vocabularies
+# helpers: ALiBi slopes, pretrained embeddings, checkpoints' names
 
 def alibi_slopes(n_head):
     """Per-head slopes of ALiBi: a geometric sequence starting at 2^(-8/n) (Press et al.)."""
@@ -380,7 +340,7 @@ def alibi_slopes(n_head):
     return torch.tensor(power_of_2_slopes(closest) + extra)
 
 
-def fit_embedding_matrix(emb, n_embd, std=0.02, seed=1337):
+def fit_pretrained_embeddings(emb, n_embd, std=0.02, seed=1337):
     """Map a [vocab, D] embedding matrix to width n_embd and rescale it to the model's init std.
     When D != n_embd the map is a fixed Gaussian projection (seeded, so every run gets the same one),
     scaled by 1/sqrt(D), which roughly preserves the angles between token vectors (Johnson-Lindenstrauss)."""
@@ -398,55 +358,3 @@ def clean_state_dict(state_dict):
     prefix = '_orig_mod.'
     sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
     return {k: v for k, v in sd.items() if not k.endswith('.attn.bias')}
-
-
-def load_checkpoint(ckpt_path, device='cpu', override_args=None):
-    """The GPT saved in a ckpt.pt (ours or the original nanoGPT's) and the checkpoint dict. weights_only=True
-    refuses a checkpoint that holds anything but tensors and plain values. override_args: GPTConfig fields that
-    leave the weights' shapes alone (dropout, flash_attn) to take over the checkpoint's. Raises ValueError saying what is wrong."""
-    try:
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-    except Exception as e:  # weights_only refuses anything but tensors and plain values; or a damaged file
-        raise ValueError(f"cannot load {ckpt_path} safely ({str(e).strip().splitlines()[0]}); "
-                         f"only checkpoints of tensors and plain values load") from None
-    try:
-        model_args = {**checkpoint['model_args'], **(override_args or {})}
-        # older checkpoints have no gelu: ours (with an alibi key) used GPT-2's tanh GELU, nanoGPT's the exact one
-        model_args.setdefault('gelu', 'tanh' if 'alibi' in checkpoint['model_args'] else 'erf')
-        model = GPT(GPTConfig(**model_args))  # nanoGPT's lack flash_attn and alibi: the defaults match
-        model.load_state_dict(clean_state_dict(checkpoint['model']))
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise ValueError(f"{ckpt_path} is not a checkpoint of this model.py ({str(e).strip().splitlines()[0]})") from None
-    return model, checkpoint
-
-
-def write_checkpoint(checkpoint, path):
-    """torch.save to a temporary file first, synced, then renamed over path: a crash or kill while writing
-    leaves the previous checkpoint intact."""
-    tmp_path = path + '.tmp'
-    with open(tmp_path, 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-
-
-class PlainUnpickler(pickle.Unpickler):
-    """Unpickles plain dicts, lists, tuples, strings and numbers only. Anything else in a pickle is a
-    reference to a class or function, which unpickling would call: a meta.pkl from the internet could run code."""
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
-
-
-def load_meta(path):
-    """A dataset's meta.pkl (nanoGPT's {'vocab_size', 'itos', 'stoi'}), read without running any code.
-    Raises ValueError when the file holds anything but plain values."""
-    try:
-        with open(path, 'rb') as f:
-            meta = PlainUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise ValueError(f"{path} is not a plain vocabulary pickle ({e}); refusing to load it: re-create it with "
-                         f"the dataset's prepare.py") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
-        raise ValueError(f"{path} has no 'vocab_size': re-create it with the dataset's prepare.py")
-    return meta

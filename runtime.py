@@ -1,18 +1,19 @@
 """
 What every script needs from the machine, decided in one place: the device ('auto': a CUDA GPU, else
-Apple's MPS, else the CPU), the precision and its autocast context, loss scaling for float16, TF32,
-synchronisation for timings, and the peak FLOP/s that MFU is measured against.
+Apple's MPS, else the CPU), the precision and its autocast context, loss scaling for float16, TF32, for
+training the attention kernel and the loss, synchronisation for timings, and the peak FLOP/s that MFU is
+measured against.
     plan = runtime.setup(device, dtype)   # prints one line saying what runs where, in what precision
-    with plan['ctx']:
+    with plan.ctx:
         logits, loss = model(X, Y)
 device_plan() makes the decisions from what the machine has, passed in, so that CUDA, MPS and CPU
 are all tested on any machine.
 """
 import time
-import ctypes
 import platform
 import subprocess
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -40,17 +41,32 @@ def cpu_has_bf16():
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
-def device_plan(device, dtype, has_cuda, cuda_bf16, has_mps, mps_bf16, cpu_bf16, decoding=False):
-    """How a script runs, from its device and dtype settings and what the machine has. Returns a dict:
-    device; device_type ('cuda', 'mps' or 'cpu'); dtype, the precision the math runs in; autocast, the
-    torch dtype to autocast to (None: plain float32); scaler, whether the loss needs scaling (float16);
-    pin_memory; why, a few words on the choice. Raises ValueError, one line naming the fix, for a
-    device or dtype this machine cannot run. decoding: the script generates a token at a time (sample.py)."""
+@dataclass
+class Plan:
+    """How a script runs: see device_plan."""
+    device: str  # 'cpu', 'cuda', 'cuda:1', 'mps'
+    device_type: str  # 'cpu', 'cuda' or 'mps'
+    dtype: str  # the precision the math runs in: 'float32', 'bfloat16' or 'float16'
+    autocast: torch.dtype = None  # the dtype forward passes autocast to; None: plain float32
+    scaler: bool = False  # float16: the loss is scaled against underflowing gradients
+    pin_memory: bool = False  # batches go to the GPU from pinned memory, without waiting
+    flash_attn: bool = True  # training's attention through scaled_dot_product_attention, else explicit products
+    chunked_loss: bool = False  # training's loss a few rows at a time (loss.py), never all logits at once
+    why: str = ''  # a few words on the choices
+    ctx: object = field(default_factory=nullcontext)  # the autocast context for forward passes
+
+
+def device_plan(device, dtype, has_cuda, cuda_bf16, has_mps, mps_bf16, cpu_bf16, decoding=False, training=False,
+                flash_attn=True, chunked_loss=None):
+    """How a script runs (a Plan), from its device and dtype settings and what the machine has. Raises
+    ValueError, one line naming the fix, for a device or dtype this machine cannot run. decoding: the script
+    generates a token at a time (sample.py). training: the plan also settles the attention (flash_attn)
+    and the loss (chunked_loss; None: chunked on a CPU, where it was measured faster, plain elsewhere)."""
     picked = device == 'auto'
     if picked:
         device = 'cuda' if has_cuda else 'mps' if has_mps else 'cpu'
-    device_type = device.split(':')[0]
-    if device_type not in ('cuda', 'mps', 'cpu'):
+    device_type, _, index = str(device).partition(':')
+    if device_type not in ('cuda', 'mps', 'cpu') or (index and not (device_type == 'cuda' and index.isdigit())):
         raise ValueError(f"device='{device}' is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     if device_type == 'cuda' and not has_cuda:
         raise ValueError(f"device='{device}' but this machine has no CUDA GPU: use --device=auto or --device=cpu")
@@ -84,45 +100,39 @@ def device_plan(device, dtype, has_cuda, cuda_bf16, has_mps, mps_bf16, cpu_bf16,
             dtype = 'float32'
             why.append("float16 on a CPU is emulated, slower than float32")
     autocast = None if dtype == 'float32' else DTYPES[dtype]
-    return dict(device=device, device_type=device_type, dtype=dtype, autocast=autocast,
-                scaler=autocast is torch.float16, pin_memory=device_type == 'cuda', why='; '.join(why))
+    if training and flash_attn and device_type == 'cpu' and autocast is not None:
+        flash_attn = False  # sdpa's CPU kernels have a slow bfloat16 backward (bench_train.py)
+        why.append("explicit attention: sdpa trains slower in bfloat16 on a CPU")
+    if chunked_loss is None:
+        chunked_loss = training and device_type == 'cpu'  # measured faster there; elsewhere nanoGPT's loss
+    return Plan(device=device, device_type=device_type, dtype=dtype, autocast=autocast, scaler=autocast is torch.float16,
+                pin_memory=device_type == 'cuda', flash_attn=flash_attn, chunked_loss=chunked_loss and training,
+                why='; '.join(why))
 
 
-def setup(device, dtype, verbose=True, decoding=False):
-    """device_plan for this machine, plus 'ctx', the autocast context for forward passes. Turns on TF32
-    matmuls on CUDA. Prints the plan in one line when verbose. Raises ValueError as device_plan does."""
+def setup(device, dtype, verbose=True, decoding=False, training=False, flash_attn=True, chunked_loss=None):
+    """device_plan for this machine, with its autocast context (plan.ctx). Turns on TF32 matmuls on CUDA.
+    Prints the plan in one line when verbose. Raises ValueError as device_plan does."""
     has_cuda, has_mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     plan = device_plan(device, dtype, has_cuda, has_cuda and torch.cuda.is_bf16_supported(),
-                       has_mps, has_mps and torch.backends.mps.is_macos_or_newer(14, 0), cpu_has_bf16(), decoding)
-    if plan['device_type'] == 'cuda':
+                       has_mps, has_mps and torch.backends.mps.is_macos_or_newer(14, 0), cpu_has_bf16(), decoding,
+                       training, flash_attn, chunked_loss)
+    if plan.device_type == 'cuda':
         torch.set_float32_matmul_precision('high')  # TF32 for float32 matmuls: Ampere's tensor cores, ~1e-3 error
-    if plan['device_type'] == 'cpu':
-        keep_freed_memory()
-    plan['ctx'] = torch.autocast(plan['device_type'], dtype=plan['autocast']) if plan['autocast'] else nullcontext()
+    if plan.autocast:
+        plan.ctx = torch.autocast(plan.device_type, dtype=plan.autocast)
     if verbose:
-        name = f" ({torch.cuda.get_device_name(plan['device'])})" if plan['device_type'] == 'cuda' else ''
-        precision = f"{plan['dtype']} autocast" if plan['autocast'] else 'float32'
-        print(f"device {plan['device']}{name}, {precision}" + (f" ({plan['why']})" if plan['why'] else ''))
+        name = f" ({torch.cuda.get_device_name(plan.device)})" if plan.device_type == 'cuda' else ''
+        precision = f"{plan.dtype} autocast" if plan.autocast else 'float32'
+        trained = (f", {'sdpa' if plan.flash_attn else 'explicit'} attention, "
+                   f"{'chunked' if plan.chunked_loss else 'full-logits'} loss") if training else ''
+        print(f"device {plan.device}{name}, {precision}{trained}" + (f" ({plan.why})" if plan.why else ''))
     return plan
-
-
-def keep_freed_memory():
-    """glibc hands the memory of freed tensors back to the kernel (large ones are mapped afresh for each tensor, the
-    heap's top is trimmed), so every training step faults the same pages in again: hundreds of faults a step, 5-10% of
-    a CPU quick-start step (README, speed). Freed memory is kept for the next step's tensors instead: the
-    process stays at its peak size. Does nothing where the C library has no mallopt (macOS, musl, Windows)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):  # TypeError: Windows, which cannot open the process itself
-        return
-    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB (glibc's largest) come from the reused heap
-    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: the heap's free top is given back only past 1 GiB
-    mallopt(-2, 64 << 20)  # M_TOP_PAD: the heap grows 64 MiB at a time
 
 
 def grad_scaler(plan):
     """The loss scaler for float16 training (its gradients underflow without); a no-op otherwise."""
-    return torch.amp.GradScaler(plan['device_type'], enabled=plan['scaler'])
+    return torch.amp.GradScaler(plan.device_type, enabled=plan.scaler)
 
 
 def synchronize(device_type):
@@ -136,12 +146,12 @@ def synchronize(device_type):
 def peak_flops(plan):
     """(FLOP/s, what it is) that MFU is measured against: a GPU's dense bf16/fp16 tensor peak from
     GPU_PEAK_FLOPS; on a CPU or MPS, measured now. (None, why) for a GPU not in the table."""
-    if plan['device_type'] == 'cuda':
-        name = torch.cuda.get_device_name(plan['device'])
+    if plan.device_type == 'cuda':
+        name = torch.cuda.get_device_name(plan.device)
         peak = gpu_peak_flops(name)
         return (peak, f"{name}'s bf16/fp16 peak") if peak else (None, f"no known peak for {name}")
-    dtype = plan['autocast'] or torch.float32
-    return measured_peak_flops(plan['device'], dtype), f"measured just now: {str(dtype)[6:]} matmul"
+    dtype = plan.autocast or torch.float32
+    return measured_peak_flops(plan.device, dtype), f"measured just now: {str(dtype)[6:]} matmul"
 
 
 def device_name(device):

@@ -5,13 +5,14 @@ Hugging Face format:
     python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=5 --max_new_tokens=100
 """
 import os
-import sys
 
 import tiktoken
 import torch
 
+import cpu
 import runtime
-from model import GPT, load_checkpoint, load_meta
+from files import load_checkpoint, load_meta, same_vocabulary
+from model import GPT, GPT2_VOCAB_SIZE
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir), a GPT-2 variant ('gpt2', ..., 'gpt2-xl'), or a local Hugging Face GPT-2 directory
@@ -32,26 +33,16 @@ for k in ('num_samples', 'max_new_tokens'):
 check('temperature', lambda v: v >= 0, 'a number >= 0 (0: always the most likely token)')
 check('top_k', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: no limit)')
 check('top_p', lambda v: v is None or 0 < v <= 1, 'in (0, 1] (or None: no nucleus)')
-check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
-check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 # -----------------------------------------------------------------------------
 
 
-def fail(msg):
-    sys.exit(f"sample.py: {msg}")
-
-
-def load_vocabulary(path, dataset):
-    try:
-        meta = load_meta(path)
-    except ValueError as e:
-        fail(str(e))
+def vocabulary(meta, path):
+    """The stoi and itos maps of a character-level vocabulary (meta.pkl's), or a one-line error."""
     stoi, itos = meta.get('stoi'), meta.get('itos')
     if not (isinstance(stoi, dict) and isinstance(itos, dict)
             and all(isinstance(s, str) and isinstance(i, int) for s, i in stoi.items())
             and all(isinstance(i, int) and isinstance(s, str) for i, s in itos.items())):
-        fail(f"{path} has no 'stoi'/'itos' vocabulary of characters and ids: "
-             f"re-create it with python data/{dataset}/prepare.py")
+        fail(f"{path} has no 'stoi'/'itos' vocabulary of characters and ids: re-create it with the dataset's prepare.py")
     return stoi, itos
 
 
@@ -59,20 +50,16 @@ torch.manual_seed(seed)
 try:
     plan = runtime.setup(device, dtype, decoding=True)
 except ValueError as e:
-    fail(str(e))
-device, device_type, ctx = plan['device'], plan['device_type'], plan['ctx']
+    fail(e)
+device, device_type, ctx = plan.device, plan.device_type, plan.ctx
 
 # model
-dataset = None  # the training data of a resumed checkpoint, for its vocabulary
+checkpoint = {}
 if init_from == 'resume':
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.isfile(ckpt_path):
-        fail(f"no checkpoint {ckpt_path}: train a model first (python train.py ...), or pass --out_dir=<its directory>")
     try:
-        model, checkpoint = load_checkpoint(ckpt_path, device)
+        model, checkpoint = load_checkpoint(out_dir, device)
     except ValueError as e:
-        fail(str(e))
-    dataset = (checkpoint.get('config') or {}).get('dataset')
+        fail(e)
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=0.0))
@@ -83,17 +70,36 @@ else:
          f"Hugging Face GPT-2 directory; '{init_from}' is none of these")
 model.eval()
 model.to(device)
+if device_type == 'cpu':
+    cpu.speed_up(model, training=False)  # batched products for decoding (cpu.py)
 if compile:
     model.compile(dynamic=True)  # in place, so generate's calls go through it; one graph for all lengths
 
-# tokenizer: the dataset's characters when it has a meta.pkl, else GPT-2's BPE
+# tokenizer: a character-level model's vocabulary (its dataset's meta.pkl, or the one its checkpoint records),
+# else GPT-2's BPE
+dataset = (checkpoint.get('config') or {}).get('dataset')
 meta_path = os.path.join('data', dataset, 'meta.pkl') if dataset else None
-if init_from != 'resume' and os.path.isfile(os.path.join(init_from, 'meta.pkl')):
+if init_from != 'resume':
     meta_path = os.path.join(init_from, 'meta.pkl')  # a character-level model exported by export_hf.py
-stop_token = None
-if meta_path and os.path.exists(meta_path):
+meta = (checkpoint.get('data') or {}).get('meta')
+if meta_path and os.path.isfile(meta_path):
+    try:
+        found = load_meta(meta_path)
+    except ValueError as e:
+        fail(e)
+    if meta and not same_vocabulary(found, meta):
+        fail(f"{meta_path} is not the vocabulary {out_dir}/ckpt.pt was trained with (the dataset was re-prepared "
+             f"from other text?): put the run's meta.pkl back, or re-prepare data/{dataset} from its text")
+    meta = found
     print(f"Loading meta from {meta_path}...")
-    stoi, itos = load_vocabulary(meta_path, dataset)
+elif meta:
+    print(f"{meta_path or 'meta.pkl'} is missing: decoding with the vocabulary recorded in the checkpoint")
+elif model.config.vocab_size < GPT2_VOCAB_SIZE:
+    fail(f"the model has a vocabulary of {model.config.vocab_size} tokens, not GPT-2's BPE, and there is no "
+         f"{meta_path or 'meta.pkl'} to decode it with: re-create it with the dataset's prepare.py")
+stop_token = None
+if meta:
+    stoi, itos = vocabulary(meta, meta_path)
 
     def encode(s):
         missing = sorted(set(s) - set(stoi))
@@ -120,8 +126,12 @@ if start.startswith('FILE:'):
     prompt_path = start[5:]
     if not os.path.isfile(prompt_path):
         fail(f"no prompt file {prompt_path}")
-    with open(prompt_path, 'r', encoding='utf-8') as f:
-        start = f.read()
+    try:
+        with open(prompt_path, 'r', encoding='utf-8') as f:
+            start = f.read()
+    except UnicodeDecodeError as e:
+        fail(f"the prompt file {prompt_path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it, "
+             f"e.g. iconv -f latin1 -t utf-8 {prompt_path}")
     if not start:
         fail(f"the prompt file {prompt_path} is empty: write a prompt in it")
 if not start:

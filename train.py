@@ -9,6 +9,7 @@ $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --
 (NCCL_IB_DISABLE=1 in front when the machines are linked by plain Ethernet rather than Infiniband).
 A model whose weights, gradients and AdamW state do not fit DDP's copy on every GPU: --fsdp=True shards them (fsdp.py):
 $ torchrun --standalone --nproc_per_node=2 train.py config/finetune_shakespeare.py --fsdp=True
+SIGTERM, SIGINT (Ctrl-C) or SIGHUP finish the current iteration, save ckpt.pt and stop; --init_from=resume goes on.
 """
 
 import os
@@ -17,16 +18,22 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 
-import openmp_wait
-openmp_wait.choose()  # before torch starts OpenMP
+import cpu
+cpu.set_openmp_wait()  # how idle OpenMP threads wait: before torch loads OpenMP
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
 import runtime
-from model import GPTConfig, GPT, fit_embedding_matrix, load_checkpoint, load_meta, write_checkpoint
+import runs
+from model import GPTConfig, GPT, GPT2_VOCAB_SIZE, fit_pretrained_embeddings
+from files import load_checkpoint, load_meta, open_bin, check_token_ids, os_error_text, write_checkpoint
+
+if int(os.environ.get('RANK', 0)) > 0:
+    sys.stdout = open(os.devnull, 'w')  # under torchrun only the first process prints; errors still reach stderr
 
 # -----------------------------------------------------------------------------
 # settings; the defaults train GPT-2 small (124M) on OpenWebText
@@ -60,7 +67,7 @@ bias = False  # biases in Linears and LayerNorms (GPT-2 has them; without is a b
 flash_attn = True  # attention through scaled_dot_product_attention, else the explicit softmax
 alibi = False  # ALiBi position biases instead of learned position embeddings
 gelu = 'erf'  # the exact GELU, as nanoGPT; 'tanh': GPT-2's approximation (init_from='gpt2*' takes the weights' own)
-pre_trained_embs = False  # start the token embeddings from data/<dataset>/emb_mat.pt
+pretrained_embeddings = False  # start the token embeddings from data/<dataset>/pretrained_embeddings.pt
 # AdamW
 learning_rate = 6e-4  # the peak, reached after warmup
 max_iters = 600000  # optimizer steps in all
@@ -75,19 +82,21 @@ lr_decay_iters = 600000  # end of the cosine; Chinchilla suggests about max_iter
 min_lr = 6e-5  # where it ends; Chinchilla suggests about learning_rate / 10
 # DDP
 backend = 'nccl'  # between GPUs; processes on CPUs always talk through 'gloo'
+ddp_timeout = 600  # seconds a process waits for the others (a stalled or dead one) before the run stops
 fsdp = False  # under torchrun: shard parameters, gradients and AdamW state across the processes (fsdp.py) instead of DDP's copies
 gradient_checkpointing = False  # recompute each Block's activations in backward: far less memory for ~1/3 more compute
 # hardware
 device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32; or one of those (see runtime.py)
 compile = True  # torch.compile the model: slower start, faster steps
+chunked_loss = None  # the loss a few rows at a time, never all logits (loss.py); None: on a CPU, where it is faster
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
 exec(open('configurator.py').read())  # overrides from the command line or a config file
 config = {k: globals()[k] for k in config_keys}  # saved in checkpoints and given to wandb
 # the values, before any work: a mistyped one stops here with a one-line error (configurator's check)
 for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'gradient_accumulation_steps', 'eval_iters',
-          'eval_interval', 'log_interval'):
+          'eval_interval', 'log_interval', 'ddp_timeout'):
     check(k, lambda v: v >= 1, 'an integer >= 1')
 for k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'hellaswag_interval', 'seed', 'learning_rate', 'weight_decay',
           'grad_clip'):
@@ -97,97 +106,176 @@ check('min_lr', lambda v: not decay_lr or 0 <= v <= learning_rate, f'in [0, lear
 for k in ('dropout', 'beta1', 'beta2'):
     check(k, lambda v: 0 <= v < 1, 'in [0, 1)')
 check('gelu', lambda v: v in ('erf', 'tanh'), "'erf' (the exact GELU, as nanoGPT) or 'tanh' (GPT-2's)")
-check('dtype', lambda v: v in ('auto', 'float32', 'bfloat16', 'float16'), "one of 'auto', 'float32', 'bfloat16', 'float16'")
-check('device', lambda v: v == 'auto' or torch.device(v).type in ('cpu', 'cuda', 'mps'), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 check('out_dir', lambda v: v, 'a directory name')
 check('eval_block_size', lambda v: v is None or (type(v) is int and v >= 1), 'an integer >= 1, or None')
+check('chunked_loss', lambda v: v in (None, True, False), 'True, False or None (None: on a CPU only)')
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun?
 ddp_rank = int(os.environ.get('RANK', 0))
 ddp_world_size = int(os.environ.get('WORLD_SIZE', 1))
 master_process = ddp_rank == 0  # logs, evaluates into wandb and writes checkpoints
-
-
-def fail(msg):
-    """Stop with a one-line error (printed once, by the master process)."""
-    sys.exit(f"train.py: {msg}" if master_process else 1)
-
-
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-checkpoint = None
-if init_from == 'resume':  # as in nanoGPT, the checkpoint defines the model: its shape wins over the settings
-    if not os.path.exists(ckpt_path):
-        fail(f"init_from='resume' but there is no {ckpt_path}: train one first, or set out_dir to the run to resume")
-    try:
-        model, checkpoint = load_checkpoint(ckpt_path, override_args=dict(dropout=dropout, flash_attn=flash_attn))
-    except ValueError as e:
-        fail(str(e))
-    if missing := [k for k in ('optimizer', 'iter_num', 'best_val_loss') if k not in checkpoint]:
-        fail(f"{ckpt_path} has no {', '.join(missing)}: it holds a model but not a training run to resume; sample from it instead")
-    shape = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'alibi', 'gelu')}
-    overridden = {k: v for k, v in shape.items() if v != config[k]}
-    if overridden and master_process:
-        print(f"resuming with the checkpoint's {', '.join(f'{k}={v}' for k, v in overridden.items())} "
-              f"(the settings said {', '.join(str(config[k]) for k in overridden)})")
-    n_layer, n_head, n_embd, block_size, bias, alibi, gelu = shape.values()
-    config.update(shape)
-
 try:
-    plan = runtime.setup(device, dtype, verbose=master_process)
+    plan = runtime.setup(device, dtype, verbose=master_process, training=True, flash_attn=flash_attn,
+                         chunked_loss=chunked_loss)
 except ValueError as e:
-    fail(str(e))
-device, device_type, ctx = plan['device'], plan['device_type'], plan['ctx']
+    fail(e)
+device, device_type, ctx = plan.device, plan.device_type, plan.ctx
 if fsdp and not ddp:
     fail("fsdp=True shards the model across torchrun's processes: start it with torchrun --standalone "
          "--nproc_per_node=N train.py ... (N=1 works too), or set fsdp=False")
 if gradient_accumulation_steps % ddp_world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} cannot be divided among {ddp_world_size} "
          f"processes: use a multiple of {ddp_world_size}")
-if eval_block_size is None:
-    eval_block_size = block_size
+
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+log_path = os.path.join(out_dir, 'log.jsonl')
+
+# the data: token ids as uint16 in train.bin and val.bin, and meta.pkl for a character-level vocabulary
+data_dir = os.path.join('data', dataset)
+meta_path = os.path.join(data_dir, 'meta.pkl')
+meta = None
+if os.path.exists(meta_path):
+    try:
+        meta = load_meta(meta_path)
+    except ValueError as e:
+        fail(e)
+    print(f"found vocab_size = {meta['vocab_size']} (inside {meta_path})")
+data_record = runs.data_record(dataset, meta)  # saved in checkpoints: which data the model learns
+
+# the model: from scratch, from a checkpoint (resume) or from GPT-2's weights
+iter_num = 0  # optimizer steps done
+best_val_loss = 1e9
+checkpoint = None
+if init_from == 'resume':  # as in nanoGPT, the checkpoint defines the model: its shape wins over the settings
+    try:
+        model, checkpoint = load_checkpoint(out_dir, override_args=dict(dropout=dropout, flash_attn=plan.flash_attn))
+        runs.check_resumable(checkpoint, ckpt_path, data_record)
+    except ValueError as e:
+        fail(e)
+    shape = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'alibi', 'gelu')}
+    if overridden := {k: v for k, v in shape.items() if v != config[k]}:
+        print(f"resuming with the checkpoint's {', '.join(f'{k}={v}' for k, v in overridden.items())} "
+              f"(the settings said {', '.join(str(config[k]) for k in overridden)})")
+    n_layer, n_head, n_embd, block_size, bias, alibi, gelu = shape.values()
+    config.update(shape)
+    iter_num = checkpoint['iter_num']
+    best_val_loss = float(checkpoint['best_val_loss'])  # a tensor in nanoGPT's checkpoints
+    print(f"resuming training from {ckpt_path} at iter {iter_num}")
+elif init_from == 'scratch':
+    print("initializing a new model from scratch")
+    torch.manual_seed(seed)  # the same initial weights in every process
+    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                      vocab_size=meta['vocab_size'] if meta else GPTConfig.vocab_size, dropout=dropout,
+                      flash_attn=plan.flash_attn, alibi=alibi, gelu=gelu)
+    embeddings = None
+    if pretrained_embeddings:
+        emb_path = os.path.join(data_dir, 'pretrained_embeddings.pt')
+        if not os.path.exists(emb_path):
+            fail(f"pretrained_embeddings=True but there is no {emb_path}: "
+                 f"build it with python data/openwebtext/pretrained_embeddings.py")
+        embeddings = fit_pretrained_embeddings(torch.load(emb_path, weights_only=True), n_embd)
+        print(f"token embeddings start from {emb_path}")
+    try:
+        model = GPT(GPTConfig(**model_args), pretrained_embeddings=embeddings)
+    except ValueError as e:  # embeddings of the wrong shape: the message names both
+        fail(e)
+elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+    print(f"initializing from OpenAI GPT-2 weights: {init_from}")
+    if alibi:
+        fail(f"alibi=True cannot start from {init_from}, whose weights use learned positions: set alibi=False")
+    try:
+        model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+    except (OSError, ValueError) as e:
+        fail(f"cannot load {init_from}: {str(e).splitlines()[0]}")
+    if block_size > model.config.block_size:
+        fail(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: "
+             f"use --block_size={model.config.block_size} or less")
+    model.crop_block_size(block_size)
+    model.config.flash_attn = plan.flash_attn
+    for block in model.transformer.h:
+        block.attn.flash_attn = plan.flash_attn
+else:
+    fail(f"init_from='{init_from}' is not 'scratch', 'resume', a 'gpt2*' model name or a Hugging Face GPT-2 directory")
+model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}  # saved in checkpoints
+eval_block_size = eval_block_size or block_size
 if eval_block_size > block_size and not alibi:
     fail(f"eval_block_size={eval_block_size} is larger than block_size={block_size}: learned position "
          f"embeddings cannot go past block_size; use alibi=True or eval_block_size <= {block_size}")
+split_tokens = {}  # tokens in each split, checked again at every batch: a bin replaced under the run is caught
+for split in ('train', 'val'):
+    try:
+        split_tokens[split] = len(open_bin(os.path.join(data_dir, f'{split}.bin'), max(block_size, eval_block_size) + 1))
+    except ValueError as e:
+        fail(e)
+if hellaswag_interval > 0 and model_args['vocab_size'] < GPT2_VOCAB_SIZE:
+    fail(f"hellaswag_interval={hellaswag_interval} needs a model of GPT-2's BPE tokens (vocab_size >= {GPT2_VOCAB_SIZE}), but this "
+         f"one has {model_args['vocab_size']} (a character-level dataset?): set hellaswag_interval=0")
+if init_from == 'resume' and iter_num >= max_iters and not eval_only:
+    print(f"nothing to train: {ckpt_path} is at iter {iter_num}, and max_iters={max_iters}; raise --max_iters to go on")
+    sys.exit(0)
 
-if ddp:
+if ddp:  # the processes find each other, each with its own GPU
     ddp_local_rank = int(os.environ['LOCAL_RANK'])
     if device_type == 'cuda':
         device = f'cuda:{ddp_local_rank}'
         torch.cuda.set_device(device)
-    init_process_group(backend=backend if device_type == 'cuda' else 'gloo')
+    init_process_group(backend=backend if device_type == 'cuda' else 'gloo', timeout=timedelta(seconds=ddp_timeout))
+    runs.name_ddp_failures(ddp_timeout, ckpt_path)  # a stalled or lost process: one line, not a traceback
     gradient_accumulation_steps //= ddp_world_size  # each process does its share of the micro-steps
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
-if master_process:
-    print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    os.makedirs(out_dir, exist_ok=True)
-torch.manual_seed(seed)  # the same initial weights in every process
+print(f"tokens per iteration will be: {tokens_per_iter:,}")
 
-# data: token ids as uint16 in train.bin and val.bin
-data_dir = os.path.join('data', dataset)
-split_tokens = {}
-for split in ('train', 'val'):
-    path = os.path.join(data_dir, f'{split}.bin')
-    if not os.path.exists(path):
-        fail(f"no {path}: run python {os.path.join(data_dir, 'prepare.py')} first")
-    if os.path.getsize(path) % 2:
-        fail(f"{path} has an odd number of bytes, not whole uint16 tokens (cut short?): re-create it with python {data_dir}/prepare.py")
-    split_tokens[split] = os.path.getsize(path) // 2
-    if split_tokens[split] <= max(block_size, eval_block_size):
-        fail(f"{path} has only {split_tokens[split]} tokens, too few for windows of "
-             f"{max(block_size, eval_block_size) + 1}: use a smaller block_size or more data")
+model.to(device)
+model.gradient_checkpointing = gradient_checkpointing
+if device_type == 'cpu':
+    cpu.speed_up(model, training=True)  # bit-mask dropout, freed memory kept (cpu.py)
+if fsdp:  # sharded in place: still the GPT, with hooks that gather each Block's parameters for its passes
+    from fsdp import shard_model, full_state_dicts, load_full_optimizer_state
+    shard_model(model, param_dtype=plan.autocast)  # None: float32, nothing cast
+raw_model = model  # the plain GPT: its state_dict has clean names, for checkpoints
+checkpoint_iter = iter_num if checkpoint is not None else None  # the iteration the checkpoint on disk holds
+
+scaler = runtime.grad_scaler(plan)  # float16 needs loss scaling against underflowing gradients; a no-op otherwise
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None:
+    if fsdp:
+        load_full_optimizer_state(model, optimizer, checkpoint['optimizer'])
+    else:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    if checkpoint.get('scaler'):
+        scaler.load_state_dict(checkpoint['scaler'])
+checkpoint = None  # free its memory
+
+hellaswag_examples = None
+if hellaswag_interval > 0:
+    from hellaswag import examples_for_training, evaluate_hellaswag
+    try:
+        hellaswag_examples = examples_for_training(hellaswag_file, master_process, ddp)
+    except (OSError, ValueError) as e:  # said by each process that fails: it may be the only one without the file
+        fail(e, every_process=True)
+
+if compile:
+    print("compiling the model (the first iterations take a while)")
+    model = torch.compile(model)
+if ddp and not fsdp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
 
 def get_batch(split, starts, T):
     """The windows of T + 1 tokens at the given starts, as inputs x and targets y (shifted by one)."""
-    # a new memmap for every batch: one kept open grows the process's memory as it is read
-    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-    x = torch.from_numpy(np.stack([data[i:i + T] for i in starts]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T] for i in starts]).astype(np.int64))
-    if (top := max(x.max(), y.max()).item()) >= model_args['vocab_size']:  # every batch: microseconds (README, Data)
-        sys.exit(f"train.py: {data_dir}/{split}.bin holds token id {top}, past the model's vocab_size {model_args['vocab_size']}: "
-                 f"the data and the vocabulary (meta.pkl, or the checkpoint's) do not match; re-create it with its prepare.py")
-    if plan['pin_memory']:
+    path = os.path.join(data_dir, f'{split}.bin')
+    try:  # a new memmap for every batch: one kept open grows the process's memory as it is read
+        data = open_bin(path)
+        if len(data) != split_tokens[split]:
+            raise ValueError(f"{path} changed during training ({split_tokens[split]} tokens, now {len(data)}): "
+                             f"put the run's data back (or re-prepare it) and resume with --init_from=resume")
+        x = torch.from_numpy(np.stack([data[i:i + T] for i in starts]).astype(np.int64))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T] for i in starts]).astype(np.int64))
+        check_token_ids(max(x.max(), y.max()).item(), model_args['vocab_size'], path)  # microseconds a batch
+    except ValueError as e:
+        fail(e, every_process=True)
+    if plan.pin_memory:
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
@@ -204,89 +292,9 @@ def get_train_batch(it, micro_step):
     return get_batch('train', rng.integers(split_tokens['train'] - block_size, size=batch_size), block_size)
 
 
-# the model
-meta_path = os.path.join(data_dir, 'meta.pkl')
-meta_vocab_size = None
-if os.path.exists(meta_path):
-    try:
-        meta_vocab_size = load_meta(meta_path)['vocab_size']
-    except ValueError as e:
-        fail(str(e))
-    print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=meta_vocab_size or 50304,  # GPT-2's 50257 rounded up for efficiency
-                  dropout=dropout, flash_attn=flash_attn, alibi=alibi, gelu=gelu)
-iter_num = 0
-best_val_loss = 1e9
-try:
-    if init_from == 'scratch':
-        print("initializing a new model from scratch")
-        embedding_matrix = None
-        if pre_trained_embs:
-            emb_path = os.path.join(data_dir, 'emb_mat.pt')
-            if not os.path.exists(emb_path):
-                fail(f"pre_trained_embs=True but there is no {emb_path}: build it with python data/openwebtext/embmatrix.py")
-            embedding_matrix = fit_embedding_matrix(torch.load(emb_path, weights_only=True), n_embd)
-            print(f"token embeddings start from {emb_path}")
-        model = GPT(GPTConfig(**model_args), embedding_matrix=embedding_matrix)
-    elif init_from == 'resume':
-        print(f"resuming training from {out_dir}")
-        model_args['vocab_size'] = model.config.vocab_size
-        iter_num = checkpoint['iter_num']
-        best_val_loss = float(checkpoint['best_val_loss'])  # a tensor in nanoGPT's checkpoints
-    elif init_from.startswith('gpt2') or os.path.isdir(init_from):
-        print(f"initializing from OpenAI GPT-2 weights: {init_from}")
-        if alibi:
-            fail(f"alibi=True cannot start from {init_from}, whose weights use learned positions: set alibi=False")
-        try:
-            model = GPT.from_pretrained(init_from, dict(dropout=dropout))
-        except OSError as e:
-            fail(f"cannot load {init_from}: {str(e).splitlines()[0]}")
-        if block_size > model.config.block_size:
-            fail(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: "
-                 f"use --block_size={model.config.block_size} or less")
-        model.crop_block_size(block_size)
-        model_args = {k: getattr(model.config, k) for k in model_args}  # e.g. GPT-2's vocab_size and bias
-    else:
-        fail(f"init_from='{init_from}' is not 'scratch', 'resume', a 'gpt2*' model name or a Hugging Face GPT-2 directory")
-except ValueError as e:  # model.py's errors say what is wrong and how to fix it
-    fail(str(e))
-model.to(device)
-model.gradient_checkpointing = gradient_checkpointing
-if fsdp:  # sharded in place: still the GPT, with hooks that gather each Block's parameters for its passes
-    from fsdp import shard_model, full_state_dicts, load_full_optimizer_state
-    shard_model(model, param_dtype=plan['autocast'])  # None: float32, nothing cast
-raw_model = model  # the plain GPT: its state_dict has clean names, for checkpoints
-checkpoint_iter = iter_num if checkpoint is not None else None  # the iteration the checkpoint on disk holds
-
-# float16 needs loss scaling against underflowing gradients; a no-op otherwise
-scaler = runtime.grad_scaler(plan)
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-if checkpoint is not None:
-    if fsdp:
-        load_full_optimizer_state(model, optimizer, checkpoint['optimizer'])
-    else:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-    if checkpoint.get('scaler'):
-        scaler.load_state_dict(checkpoint['scaler'])
-checkpoint = None  # free its memory
-
-hellaswag_examples = None
-if hellaswag_interval > 0:
-    from hellaswag import examples_for_training, evaluate_hellaswag
-    if model_args['vocab_size'] < 50257:
-        fail(f"hellaswag_interval={hellaswag_interval} needs a model of GPT-2's BPE tokens (vocab_size >= 50257), but this one "
-             f"has {model_args['vocab_size']} (a character-level dataset?): set hellaswag_interval=0")
-    try:
-        hellaswag_examples = examples_for_training(hellaswag_file, master_process, ddp)
-    except (OSError, ValueError) as e:  # printed by each process that fails: it may be the only one without the file
-        sys.exit(f"train.py: {e}")
-
-if compile:
-    print("compiling the model (the first iterations take a while)")
-    model = torch.compile(model)
-if ddp and not fsdp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+def seed_dropout(it, micro_step):
+    """Dropout's random state for a micro-batch, from its key alone (micro_batch_key)."""
+    torch.manual_seed(int(np.random.SeedSequence(micro_batch_key(it, micro_step)).generate_state(1)[0]))
 
 
 @torch.no_grad()
@@ -303,7 +311,7 @@ def estimate_loss():
         for k in range(ddp_rank, -(-eval_iters // ddp_world_size) * ddp_world_size, ddp_world_size):
             X, Y = get_batch(split, starts[k % eval_iters * batch_size:(k % eval_iters + 1) * batch_size], eval_block_size)
             with ctx:
-                _, loss = model(X, Y, return_logits=False)  # the loss alone: no (B, T, vocab) logits tensor
+                _, loss = model(X, Y, chunked_loss=plan.chunked_loss)
             loss_sum += loss.item() if k < eval_iters else 0.0
         if ddp:
             loss_sum = loss_sum.to(device)  # NCCL reduces GPU tensors only
@@ -324,9 +332,6 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-log_path = os.path.join(out_dir, 'log.jsonl')
-if master_process and init_from != 'resume' and not eval_only and os.path.exists(log_path):
-    os.remove(log_path)  # a new run: the log belongs to the run whose ckpt.pt lies beside it
 if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -334,17 +339,24 @@ if wandb_log and master_process:
 
 def log(record):
     """One record per printed log line, appended to out_dir/log.jsonl (and sent to wandb)."""
-    with open(log_path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    try:
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        fail(f"cannot write {log_path}: {os_error_text(e)} ({kept_checkpoint()}); free the disk or "
+             f"make {out_dir} writable, then resume with --init_from=resume")
     if wandb_log:
         wandb.log(record)
+
+
+def kept_checkpoint():
+    return f"{ckpt_path} still holds iter {checkpoint_iter}" if checkpoint_iter is not None else "no checkpoint was written"
 
 
 def stop_on_nonfinite(what, value):
     """A nan or inf loss stops the run before it can be saved: the checkpoint on disk stays good."""
     if not math.isfinite(value):
-        kept = f"{ckpt_path} still holds iter {checkpoint_iter}" if checkpoint_iter is not None else "no checkpoint was written"
-        fail(f"{what} is {value} at iter {iter_num}: stopped ({kept}); try a lower learning_rate, "
+        fail(f"{what} is {value} at iter {iter_num}: stopped ({kept_checkpoint()}); try a lower learning_rate, "
              f"a longer warmup_iters or dtype='bfloat16'")
 
 
@@ -361,19 +373,37 @@ def save_checkpoint():
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'config': config,
+        'data': data_record,
     }
     print(f"saving checkpoint to {out_dir}")
-    write_checkpoint(checkpoint, ckpt_path)
+    try:
+        write_checkpoint(checkpoint, ckpt_path)
+    except OSError as e:
+        fail(f"{e} ({kept_checkpoint()}); free the disk or make {out_dir} writable, then resume with --init_from=resume")
+    runs.forget_previous_run(out_dir)  # the run set aside at the start is replaced for good now
 
 
 # training loop
 if master_process:  # MFU: achieved FLOP/s over this device's peak (left out where the peak is unknown)
     peak_flops, peak_note = runtime.peak_flops(plan)
     print(f"MFU against {peak_flops / 1e12:.3g} TFLOP/s ({peak_note})" if peak_flops else f"MFU not shown: {peak_note}")
-X, Y = get_train_batch(iter_num, 0)  # the first batch
+X, Y = get_train_batch(iter_num, 0)  # the first batch: data that does not fit the model stops here, before any write
+get_batch('val', [0], eval_block_size)
+# the run's directory: one run at a time in it; a resumed run's log holds each iteration once; a new run sets the
+# run it finds there aside until its first checkpoint
+if master_process:
+    try:
+        lock = runs.lock_out_dir(out_dir)  # held until this process ends, however it ends
+        if init_from == 'resume' and not eval_only:
+            runs.trim_log(log_path, iter_num)  # the records past the checkpoint: trained again now
+        elif not eval_only:
+            runs.set_aside_previous_run(out_dir)
+    except (OSError, ValueError) as e:
+        fail(e)
+stop = runs.StopRequest(ddp, device)  # SIGTERM, SIGINT, SIGHUP, or torchrun gone: save at the iteration's end
 t0 = time.time()
 local_iter_num = 0  # iterations in this process's lifetime
-running_mfu = -1.0
+running_mfu = None  # shown once measured, past the first iterations
 while True:
 
     lr = get_lr(iter_num) if decay_lr else learning_rate
@@ -389,7 +419,7 @@ while True:
         stop_on_nonfinite('val loss', losses['val'])
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0 and iter_num != checkpoint_iter and not eval_only and (master_process or fsdp):
+            if iter_num > 0 and iter_num != checkpoint_iter and not eval_only:
                 save_checkpoint()
                 checkpoint_iter = iter_num
         t0 = time.time()  # the iteration's time excludes the evaluation
@@ -400,9 +430,9 @@ while True:
         if ddp:
             torch.distributed.all_reduce(counts)
         num_correct, num_correct_norm, num_total = counts.tolist()
+        print(f"step {iter_num}: hellaswag acc {num_correct / num_total:.4f} ({num_correct}/{num_total}), "
+              f"acc_norm {num_correct_norm / num_total:.4f} ({num_correct_norm}/{num_total})")
         if master_process:
-            print(f"step {iter_num}: hellaswag acc {num_correct / num_total:.4f} ({num_correct}/{num_total}), "
-                  f"acc_norm {num_correct_norm / num_total:.4f} ({num_correct_norm}/{num_total})")
             log({'step': iter_num, 'hellaswag_acc': num_correct / num_total, 'hellaswag_acc_norm': num_correct_norm / num_total})
         t0 = time.time()
     if iter_num >= max_iters or eval_only:
@@ -410,14 +440,14 @@ while True:
 
     # forward and backward over the micro-batches, then one optimizer step
     for micro_step in range(gradient_accumulation_steps):
-        torch.manual_seed(int(np.random.SeedSequence(micro_batch_key(iter_num, micro_step)).generate_state(1)[0]))  # dropout
+        seed_dropout(iter_num, micro_step)
         # under DDP, gradients are averaged across processes only at the last micro-step
         last = micro_step == gradient_accumulation_steps - 1
         if fsdp:
             raw_model.set_requires_gradient_sync(last)
         with (model.no_sync() if ddp and not fsdp and not last else nullcontext()):
             with ctx:
-                _, loss = model(X, Y, return_logits=False)
+                _, loss = model(X, Y, chunked_loss=plan.chunked_loss)
                 loss = loss / gradient_accumulation_steps  # the accumulated gradient is the batch mean
             # fetch the next micro-batch while the GPU works on this one
             X, Y = get_train_batch(iter_num + 1, 0) if last else get_train_batch(iter_num, micro_step + 1)
@@ -438,14 +468,21 @@ while True:
         stop_on_nonfinite('loss', lossf)
         if local_iter_num >= 5 and peak_flops:  # let the first iterations (compilation, warm-up) pass
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
-            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+            running_mfu = mfu if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu
         tokens_per_sec = tokens_per_iter / dt
-        mfu_text = f", mfu {running_mfu * 100:.2f}%" if peak_flops else ''
+        mfu_text = f", mfu {running_mfu * 100:.2f}%" if running_mfu is not None else ''
         print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms{mfu_text}, {tokens_per_sec:.0f} tok/s")
-        log({'iter': iter_num, 'loss': lossf, 'time_ms': dt * 1000, 'mfu': running_mfu if peak_flops else None,
+        log({'iter': iter_num, 'loss': lossf, 'time_ms': dt * 1000, 'mfu': running_mfu,
              'tokens_per_sec': tokens_per_sec, 'lr': lr})
     iter_num += 1
     local_iter_num += 1
+
+    if why := stop.requested():  # every process stops at this same iteration, with its work saved
+        if iter_num != checkpoint_iter:
+            save_checkpoint()
+        if ddp:
+            torch.distributed.barrier()
+        fail(f"stopped by {why} at iter {iter_num}: saved {ckpt_path}; resume with --init_from=resume")
 
 if ddp:
     torch.distributed.barrier()  # the others wait while the first one writes: leaving early can abort gloo's threads

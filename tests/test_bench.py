@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import exit_message
+from conftest import copy_repo, exit_message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--device=cpu', '--compile=False', '--batch_size=2', '--n_layer=2', '--n_head=2', '--n_embd=32',
@@ -18,8 +18,7 @@ TINY = ['--device=cpu', '--compile=False', '--batch_size=2', '--n_layer=2', '--n
 
 @pytest.fixture
 def workdir(tmp_path):
-    for name in ('bench.py', 'model.py', 'loss.py', 'configurator.py', 'runtime.py'):
-        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    copy_repo(tmp_path)
     return tmp_path
 
 
@@ -86,8 +85,7 @@ print("step 8: train loss 3.0000, val loss 3.5000")
 def test_bench_train_compares_ours_float32_and_nanogpt(tmp_path):
     """One quick-start run of each kind at a few iterations (a tiny stand-in for nanoGPT's train.py, which
     prints iter and step lines as it does): the summary names the CPU, each kind's median and the ratios."""
-    for name in ('bench_train.py', 'train.py', 'openmp_wait.py', 'model.py', 'loss.py', 'runtime.py', 'configurator.py'):
-        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    copy_repo(tmp_path)
     shutil.copytree(os.path.join(ROOT, 'config'), tmp_path / 'config')
     os.makedirs(tmp_path / 'data' / 'shakespeare_char')
     for split in ('train', 'val'):

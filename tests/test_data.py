@@ -13,7 +13,7 @@ from conftest import ROOT, SHARED, exit_message
 
 sys.path.insert(0, os.path.join(ROOT, 'data'))
 import token_bins  # noqa: E402
-from model import GPT, GPTConfig, fit_embedding_matrix  # noqa: E402
+from model import GPT, GPTConfig, fit_pretrained_embeddings  # noqa: E402
 
 SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare', 'input.txt')
 enc = tiktoken.get_encoding('gpt2')
@@ -170,7 +170,7 @@ def test_own_text_errors_are_one_line(tmp_path, text_folder):
     ('data/fineweb/prepare.py', ['--val_every', '1'], '--val_every=1 would leave train.bin empty'),
     ('data/fineweb/prepare.py', ['--max_docs', '0'], '--max_docs=0 is not an integer >= 1'),
     ('data/fineweb/prepare.py', ['--num_threads', '0'], '--num_threads=0 is not an integer >= 1'),
-    ('data/openwebtext/embmatrix.py', ['--model', 'gpt2', '--out', '.'], "--out='.' is not a file name"),
+    ('data/openwebtext/pretrained_embeddings.py', ['--model', 'gpt2', '--out', '.'], "--out='.' is not a file name"),
 ])
 def test_bad_arguments_get_a_one_line_error_before_any_work(tmp_path, monkeypatch, script, args, fragment):
     (tmp_path / 'book.txt').write_text('Some text to prepare.\n' * 10)
@@ -199,9 +199,9 @@ def test_embmatrix_copies_a_gpt2_models_wte(tmp_path):
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=enc.n_vocab, n_positions=16, n_embd=8, n_layer=1, n_head=2))
     hf.save_pretrained(tmp_path / 'hf')
-    result = run('data/openwebtext/embmatrix.py', '--model', tmp_path / 'hf', '--out', tmp_path / 'emb_mat.pt')
+    result = run('data/openwebtext/pretrained_embeddings.py', '--model', tmp_path / 'hf', '--out', tmp_path / 'pretrained_embeddings.pt')
     assert result.returncode == 0, result.stderr
-    emb = torch.load(tmp_path / 'emb_mat.pt', weights_only=True)
+    emb = torch.load(tmp_path / 'pretrained_embeddings.pt', weights_only=True)
     assert emb.dtype == torch.float32
     assert torch.equal(emb, hf.transformer.wte.weight.detach())
 
@@ -212,9 +212,9 @@ def test_embmatrix_maps_glove_words_onto_gpt2_tokens(tmp_path):
     vectors = {w: torch.randn(5, generator=g) for w in words}
     lines = [w + ' ' + ' '.join(f'{x:.6f}' for x in v.tolist()) for w, v in vectors.items()]
     (tmp_path / 'glove.txt').write_text('\n'.join(lines) + '\n', encoding='utf-8')
-    result = run('data/openwebtext/embmatrix.py', '--glove', tmp_path / 'glove.txt', '--out', tmp_path / 'emb_mat.pt')
+    result = run('data/openwebtext/pretrained_embeddings.py', '--glove', tmp_path / 'glove.txt', '--out', tmp_path / 'pretrained_embeddings.pt')
     assert result.returncode == 0, result.stderr
-    emb = torch.load(tmp_path / 'emb_mat.pt', weights_only=True)
+    emb = torch.load(tmp_path / 'pretrained_embeddings.pt', weights_only=True)
     assert emb.shape == (enc.n_vocab, 5)
 
     def row(token):
@@ -232,11 +232,11 @@ def test_embmatrix_maps_glove_words_onto_gpt2_tokens(tmp_path):
 
 
 def test_embmatrix_errors_are_one_line(tmp_path):
-    assert_one_line_error(run('data/openwebtext/embmatrix.py', '--glove', tmp_path / 'nope.txt'), 'nope.txt')
+    assert_one_line_error(run('data/openwebtext/pretrained_embeddings.py', '--glove', tmp_path / 'nope.txt'), 'nope.txt')
     (tmp_path / 'nonsense.txt').write_text('qqqzzzx 1 2\nxxqqzzw 3 4\n')
-    assert_one_line_error(run('data/openwebtext/embmatrix.py', '--glove', tmp_path / 'nonsense.txt',
-                              '--out', tmp_path / 'emb_mat.pt'), 'no GPT-2 token found')
-    assert not (tmp_path / 'emb_mat.pt').exists()
+    assert_one_line_error(run('data/openwebtext/pretrained_embeddings.py', '--glove', tmp_path / 'nonsense.txt',
+                              '--out', tmp_path / 'pretrained_embeddings.pt'), 'no GPT-2 token found')
+    assert not (tmp_path / 'pretrained_embeddings.pt').exists()
 
 
 @pytest.fixture
@@ -285,11 +285,11 @@ def test_embeddings_from_a_trained_model_beat_random_ones(tmp_path, one_thread):
     torch.manual_seed(1)
     donor = GPT(config(32))
     train(donor, seed=1, steps=150, lr=3e-3)
-    torch.save(donor.transformer.wte.weight.detach().clone(), tmp_path / 'emb_mat.pt')
-    emb = torch.load(tmp_path / 'emb_mat.pt', weights_only=True)  # as train.py reads it
+    torch.save(donor.transformer.wte.weight.detach().clone(), tmp_path / 'pretrained_embeddings.pt')
+    emb = torch.load(tmp_path / 'pretrained_embeddings.pt', weights_only=True)  # as train.py reads it
     for n_embd in (32, 48):  # the same width, and a wider model through the fixed projection
         torch.manual_seed(2)
-        pretrained = GPT(config(n_embd), embedding_matrix=fit_embedding_matrix(emb, n_embd))
+        pretrained = GPT(config(n_embd), embedding_matrix=fit_pretrained_embeddings(emb, n_embd))
         torch.manual_seed(2)
         scratch = GPT(config(n_embd))
         train(pretrained, seed=2, steps=40, lr=1e-3)
@@ -300,7 +300,7 @@ def test_embeddings_from_a_trained_model_beat_random_ones(tmp_path, one_thread):
 @pytest.mark.parametrize('script, writes', [
     ('data/shakespeare_char/prepare.py', 'meta.pkl'), ('data/shakespeare/prepare.py', 'train.bin'),
     ('data/openwebtext/prepare.py', 'train.bin'), ('data/fineweb/prepare.py', 'train.bin'),
-    ('data/text/prepare.py', 'train.bin'), ('data/openwebtext/embmatrix.py', 'emb_mat.pt'),
+    ('data/text/prepare.py', 'train.bin'), ('data/openwebtext/pretrained_embeddings.py', 'pretrained_embeddings.pt'),
 ])
 def test_data_scripts_answer_help_without_writing_anything(tmp_path, script, writes):
     # a copy of data/'s scripts with no input.txt, as a new user has it: a run would download and write

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import exit_message
+from conftest import copy_repo, exit_message
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,8 +48,7 @@ def write_checkpoint(path, model, dataset):
 
 @pytest.fixture
 def repo(tmp_path):
-    for name in ('export_hf.py', 'train.py', 'openmp_wait.py', 'sample.py', 'model.py', 'loss.py', 'configurator.py', 'runtime.py'):
-        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    copy_repo(tmp_path)
     return tmp_path
 
 

@@ -147,7 +147,7 @@ def test_script_scores_a_checkpoint(hf_dir, items_file, tmp_path):
     model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
                       bias=c.bias, vocab_size=c.vocab_size, dropout=0.0, gelu=c.gelu)  # no flash_attn/alibi, as nanoGPT's
     torch.save(dict(model=model.state_dict(), model_args=model_args, iter_num=0, config={}), tmp_path / 'ckpt.pt')
-    proc = run_script(f'--out_dir={tmp_path}', f'--file={items_file}', '--limit=5', '--batch_size=2')
+    proc = run_script(f'--out_dir={tmp_path}', f'--hellaswag_file={items_file}', '--limit=5', '--batch_size=2')
     assert proc.returncode == 0, proc.stderr
     preds, preds_norm, _ = reference(hf_dir, ITEMS[:5])
     labels = [item['label'] for item in ITEMS[:5]]
@@ -163,7 +163,7 @@ def test_script_refuses_a_character_level_model(items_file, tmp_path):
     model_args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, bias=False, vocab_size=65, dropout=0.0,
                       flash_attn=True, alibi=False)
     torch.save(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args), tmp_path / 'ckpt.pt')
-    proc = run_script(f'--out_dir={tmp_path}', f'--file={items_file}')
+    proc = run_script(f'--out_dir={tmp_path}', f'--hellaswag_file={items_file}')
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert 'vocabulary of 65 tokens' in proc.stderr and 'GPT-2' in proc.stderr
@@ -183,10 +183,9 @@ def test_script_bad_settings_get_a_one_line_error(tmp_path, monkeypatch, args, f
 
 def train_repo(tmp_path, vocab_size=None):
     """A copy of the scripts with data/tiny: random tokens, of GPT-2's vocabulary unless a meta.pkl says otherwise."""
-    import shutil
     import numpy as np
-    for name in ('train.py', 'openmp_wait.py', 'model.py', 'loss.py', 'configurator.py', 'hellaswag.py', 'runtime.py', 'fsdp.py'):
-        shutil.copy(ROOT + '/' + name, tmp_path)
+    from conftest import copy_repo
+    copy_repo(tmp_path)
     data = tmp_path / 'data' / 'tiny'
     data.mkdir(parents=True)
     tokens = np.random.default_rng(0).integers(0, vocab_size or 50257, 2000).astype(np.uint16)

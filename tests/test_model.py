@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import loss as loss_module
 from loss import chunked_cross_entropy, chunked_loss
-from model import GPT, GPTConfig, alibi_slopes, clean_state_dict, fit_embedding_matrix
+from model import GPT, GPTConfig, alibi_slopes, clean_state_dict, fit_pretrained_embeddings
 
 
 def tiny_config(**kw):
@@ -129,46 +129,22 @@ def test_attention_dropout_is_applied_in_training(flash):
 
 
 @pytest.mark.parametrize('alibi', [False, True])
-def test_cpu_training_under_autocast_takes_the_explicit_products(alibi, monkeypatch):
+def test_flash_attn_picks_the_kernel_and_both_train(alibi, monkeypatch):
+    """flash_attn=True goes through sdpa, under autocast too; False through the explicit products; the losses agree."""
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    torch.manual_seed(0)
-    model = GPT(tiny_config(flash_attn=True, alibi=alibi))
     idx = torch.randint(0, 96, (3, 32))
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        _, loss = model(idx, idx)  # with autograd: the explicit products
-        assert calls == []
-        with torch.no_grad():  # evaluation: sdpa's fused forward
-            _, eval_loss = model(idx, idx)
-        assert len(calls) == 2
-    assert abs(loss.item() - eval_loss.item()) < 2e-2  # bfloat16 rounding apart
-    _, fp32_loss = model(idx, idx)  # float32 training: sdpa, as on every other device
-    assert len(calls) == 4 and abs(loss.item() - fp32_loss.item()) < 2e-2
-    loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
-
-
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize('p', [0.1, 0.5])
-def test_cpu_dropout_drops_with_probability_p_and_keeps_the_expectation(p, dtype):
-    from model import Dropout
-    torch.manual_seed(0)
-    drop = Dropout(p).train()
-    x = (torch.rand(1000, 1001) + 0.5).to(dtype)
-    x.requires_grad_()
-    torch.manual_seed(1)
-    y = drop(x)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - (1 - p)) < 3e-3
-    for lane in range(4):  # every 16-bit lane of the random words is uniform
-        assert abs(kept.view(-1)[lane::4].float().mean().item() - (1 - p)) < 5e-3
-    assert abs(y.float().sum().item() / x.float().sum().item() - 1) < 3e-3
-    y.sum().backward()  # the gradient passes exactly the kept elements, scaled alike
-    torch.testing.assert_close(x.grad, (y.float() / x.float()).detach().to(dtype))  # within dtype's rounding
-    torch.manual_seed(1)
-    assert torch.equal(drop(x), y)  # follows torch's seed, as F.dropout does (resumes repeat it)
-    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    losses = {}
+    for flash in (True, False):
+        torch.manual_seed(0)
+        model = GPT(tiny_config(flash_attn=flash, alibi=alibi))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            _, losses[flash] = model(idx, idx)
+        assert len(calls) == 2  # the two layers through sdpa with flash_attn=True, and none more without
+        losses[flash].backward()
+        assert all(p.grad is not None for p in model.parameters())
+    assert abs(losses[True].item() - losses[False].item()) < 2e-2  # bfloat16 rounding apart
 
 
 def test_alibi_slopes_follow_press_et_al():
@@ -219,7 +195,7 @@ def test_learned_positions_refuse_longer_than_block_size():
 def test_pretrained_embeddings_are_what_the_model_computes_with():
     torch.manual_seed(0)
     emb = torch.randn(90, 32)  # 90 real tokens, padded vocab of 96
-    model = GPT(tiny_config(), embedding_matrix=emb)
+    model = GPT(tiny_config(), pretrained_embeddings=emb)
     wte, head = model.transformer.wte, model.lm_head
     assert torch.equal(wte.weight[:90], emb) and wte.weight is head.weight
     # the embedding the first layer sees is the loaded row (plus its position embedding)
@@ -243,19 +219,19 @@ def test_pretrained_embeddings_are_what_the_model_computes_with():
 
 def test_pretrained_embeddings_shape_error_names_both_shapes():
     with pytest.raises(ValueError, match=r'shape \[100, 32\].*\[vocab <= 96, 32\]'):
-        GPT(tiny_config(), embedding_matrix=torch.zeros(100, 32))
+        GPT(tiny_config(), pretrained_embeddings=torch.zeros(100, 32))
     with pytest.raises(ValueError, match=r'shape \[90, 300\]'):
-        GPT(tiny_config(), embedding_matrix=torch.zeros(90, 300))
+        GPT(tiny_config(), pretrained_embeddings=torch.zeros(90, 300))
 
 
-def test_fit_embedding_matrix_projects_and_rescales():
+def test_fit_pretrained_embeddings_projects_and_rescales():
     torch.manual_seed(0)
     glove_like = torch.randn(90, 300) * 0.4
-    fitted = fit_embedding_matrix(glove_like, 32)
+    fitted = fit_pretrained_embeddings(glove_like, 32)
     assert fitted.shape == (90, 32)
     assert abs(fitted.std().item() - 0.02) < 1e-4
-    assert torch.equal(fitted, fit_embedding_matrix(glove_like, 32))  # a fixed projection
-    GPT(tiny_config(), embedding_matrix=fitted)  # and it fits the model
+    assert torch.equal(fitted, fit_pretrained_embeddings(glove_like, 32))  # a fixed projection
+    GPT(tiny_config(), pretrained_embeddings=fitted)  # and it fits the model
 
 
 def test_crop_block_size():
@@ -312,25 +288,25 @@ def test_chunked_cross_entropy_equals_f_cross_entropy_forward_and_backward():
 
 @pytest.mark.parametrize('autocast', [False, True])
 def test_loss_without_logits_equals_the_plain_loss(autocast, monkeypatch):
-    """train.py's return_logits=False: the same loss and gradients (the tied wte/lm_head weight too). Under
+    """train.py's chunked_loss=True: the same loss and gradients (the tied wte/lm_head weight too). Under
     bfloat16 autocast both run the output layer in bfloat16: each is as close to float32's as the other."""
     monkeypatch.setattr(loss_module, 'rows_per_chunk', lambda vocab_size, device_type: 20)  # 64 rows: 4 chunks
     torch.manual_seed(0)
     model = GPT(tiny_config())
     idx, targets = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
 
-    def loss_and_grads(return_logits, bf16):
+    def loss_and_grads(chunked, bf16):
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-            logits, loss = model(idx, targets, return_logits=return_logits)
-        assert (logits is None) == (not return_logits)
+            logits, loss = model(idx, targets, chunked_loss=chunked)
+        assert (logits is None) == chunked
         return loss.float(), torch.autograd.grad(loss, list(model.parameters()))
-    plain, plain_grads = loss_and_grads(True, autocast)
-    chunked, chunked_grads = loss_and_grads(False, autocast)
+    plain, plain_grads = loss_and_grads(False, autocast)
+    chunked, chunked_grads = loss_and_grads(True, autocast)
     if not autocast:
         assert torch.allclose(chunked, plain, rtol=1e-5, atol=1e-7)
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(chunked_grads, plain_grads))
         return
-    exact, exact_grads = loss_and_grads(True, False)
+    exact, exact_grads = loss_and_grads(False, False)
     assert abs(chunked - exact) <= 2 * abs(plain - exact) + 1e-3
     for a, b, ref in zip(chunked_grads, plain_grads, exact_grads):  # errors relative to each tensor's largest entry
         assert (a - ref).abs().max() <= 2 * (b - ref).abs().max() + 1e-3 * ref.abs().max()
@@ -343,7 +319,7 @@ def test_loss_without_logits_under_torch_compile(monkeypatch):
     model = GPT(tiny_config())
     idx, targets = torch.randint(0, 96, (2, 32)), torch.randint(0, 96, (2, 32))
     _, expected = model(idx, targets)
-    _, loss = torch.compile(model, backend='aot_eager')(idx, targets, return_logits=False)
+    _, loss = torch.compile(model, backend='aot_eager')(idx, targets, chunked_loss=True)
     assert torch.allclose(loss, expected, rtol=1e-6)
     for a, b in zip(torch.autograd.grad(loss, list(model.parameters())), torch.autograd.grad(expected, list(model.parameters()))):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -368,7 +344,7 @@ def test_generate_top_k_samples_only_from_top_k():
 def test_checkpoints_without_a_gelu_key_keep_the_gelu_they_were_trained_with(tmp_path):
     """Before the gelu setting, our checkpoints (they have an alibi key) ran GPT-2's tanh GELU and nanoGPT's
     the exact one: each loads with its own, and a checkpoint that names its GELU gets that one."""
-    from model import load_checkpoint
+    from files import load_checkpoint
     torch.manual_seed(0)
     tanh_model = GPT(tiny_config(gelu='tanh')).eval()
     with torch.no_grad():
@@ -388,7 +364,7 @@ def test_checkpoints_without_a_gelu_key_keep_the_gelu_they_were_trained_with(tmp
                                        ({**nanogpt, 'gelu': 'tanh'}, 'tanh', tanh_logits),
                                        ({**ours_before, 'gelu': 'erf'}, 'erf', erf_logits)]:
         torch.save({'model': tanh_model.state_dict(), 'model_args': model_args}, tmp_path / 'ckpt.pt')
-        model = load_checkpoint(tmp_path / 'ckpt.pt')[0].eval()
+        model = load_checkpoint(tmp_path)[0].eval()
         assert model.config.gelu == gelu, model_args
         with torch.no_grad():
             torch.testing.assert_close(model(idx, idx)[0], expected, rtol=0, atol=0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import exit_message
+from conftest import copy_repo, exit_message
 import model as model_module
 from model import GPT, GPTConfig
 
@@ -64,21 +64,6 @@ def test_cached_sampling_draws_the_same_tokens(alibi):
         outs.append(model.generate(idx, 30, temperature=1.5, top_k=20, top_p=0.9, use_cache=use_cache))
     assert torch.equal(*outs)
     assert len(set(outs[0][0, 2:].tolist())) > 3  # really sampled, not a constant
-
-
-@pytest.mark.parametrize('bias', [False, True])
-@pytest.mark.parametrize('out_features', [96, 65])  # 65: no slices of equal size, the plain product
-def test_decoding_linear_equals_nn_linear(bias, out_features):
-    torch.manual_seed(0)
-    linear = model_module.Linear(48, out_features, bias=bias)
-    with torch.no_grad():
-        for rows in [(1, 1, 48), (3, 1, 48), (2, 2, 48), (1, 5, 48), (48,)]:  # decoded rows; 5 or more rows: F.linear
-            x = torch.randn(*rows)
-            torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)
-    x = torch.randn(2, 1, 48, requires_grad=True)  # with autograd: nn.Linear's own path, gradients included
-    linear(x).sum().backward()
-    torch.testing.assert_close(x.grad, linear.weight.detach().sum(0).expand(2, 1, 48))
-    assert list(linear.state_dict()) == list(torch.nn.Linear(48, out_features, bias=bias).state_dict())
 
 
 def test_generate_leaves_the_weights_as_they_were():
@@ -185,8 +170,7 @@ def write_checkpoint(path, model, dataset, nanogpt_style=False):
 @pytest.fixture
 def workdir(tmp_path):
     """A directory to run sample.py in, as from a repo root, with its own data/ and out/."""
-    for name in ('sample.py', 'model.py', 'loss.py', 'configurator.py', 'runtime.py'):
-        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    copy_repo(tmp_path)
     return tmp_path
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import exit_message
+from conftest import copy_repo, exit_message
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +36,7 @@ def write_bins(directory, train, val):
 @pytest.fixture
 def repo(tmp_path):
     """A copy of the scripts with data/tiny: a random 50-token phrase repeated, so there is something to learn."""
-    for name in ('train.py', 'openmp_wait.py', 'model.py', 'loss.py', 'configurator.py', 'runtime.py', 'fsdp.py'):
-        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    copy_repo(tmp_path)
     phrase = np.random.default_rng(0).integers(0, VOCAB, 50)
     write_bins(tmp_path / 'data' / 'tiny', np.tile(phrase, 80), np.tile(phrase, 10))
     return tmp_path
@@ -137,7 +136,7 @@ model.GPT.forward = counting_forward
 try:
     runpy.run_path('train.py', run_name='__main__')
 finally:
-    print(f"rank {os.environ.get('RANK', 0)} evaluated {evaluated[0]} batches")
+    print(f"rank {os.environ.get('RANK', 0)} evaluated {evaluated[0]} batches", file=__import__("sys").__stdout__)  # train.py silences the other ranks
 """
 
 
@@ -155,7 +154,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(repo):
     for split in ('train_loss', 'val_loss'):  # the same weights at step 0: the same figures up to float rounding
         assert ddp_start[split] == pytest.approx(single_start[split], rel=1e-6)
         assert ddp_end[split] == pytest.approx(single_end[split], abs=1e-4)
-    assert sorted(os.listdir(repo / 'ddp')) == ['ckpt.pt', 'log.jsonl']
+    assert sorted(os.listdir(repo / 'ddp')) == ['.lock', 'ckpt.pt', 'log.jsonl']  # .lock: one run at a time in out_dir
     assert sorted(iter_losses(read_log(repo, 'ddp'))) == [0, 1, 2, 3]  # one writer
     a, b = load_ckpt(repo / 'ddp' / 'ckpt.pt'), load_ckpt(repo / 'single' / 'ckpt.pt')
     for k in a['model']:
@@ -209,7 +208,7 @@ def nanogpt_layout(ckpt):
     state = ckpt['optimizer']['state']
     optimizer = {'state': {nanogpt_names.index(n): state[i] for i, n in enumerate(our_names)},
                  'param_groups': ckpt['optimizer']['param_groups']}
-    new_keys = ('flash_attn', 'alibi', 'eval_block_size', 'pre_trained_embs', 'seed')
+    new_keys = ('flash_attn', 'alibi', 'eval_block_size', 'pretrained_embeddings', 'seed')
     return {'model': model, 'optimizer': optimizer,
             'model_args': {k: v for k, v in args.items() if k not in new_keys},
             'iter_num': ckpt['iter_num'], 'best_val_loss': torch.tensor(ckpt['best_val_loss']),
@@ -290,14 +289,14 @@ def test_init_from_pretrained_crops_and_evaluates_its_weights(repo, hf_dir):
     assert read_log(repo)[-1]['val_loss'] == pytest.approx(expected, rel=1e-4)
 
 
-def test_pre_trained_embs_start_the_token_embeddings(repo):
+def test_pretrained_embeddings_start_the_token_embeddings(repo):
     emb = torch.randn(VOCAB - 2, 24)
-    torch.save(emb, repo / 'data' / 'tiny' / 'emb_mat.pt')
+    torch.save(emb, repo / 'data' / 'tiny' / 'pretrained_embeddings.pt')
     # a learning rate of 0 keeps the initial weights, to be read back from the checkpoint
-    run(repo, *TINY, '--pre_trained_embs=True', '--learning_rate=0.0', '--decay_lr=False', '--max_iters=1', '--eval_interval=1')
-    from model import fit_embedding_matrix
+    run(repo, *TINY, '--pretrained_embeddings=True', '--learning_rate=0.0', '--decay_lr=False', '--max_iters=1', '--eval_interval=1')
+    from model import fit_pretrained_embeddings
     wte = load_ckpt(repo / 'out' / 'ckpt.pt')['model']['transformer.wte.weight']
-    torch.testing.assert_close(wte[:VOCAB - 2], fit_embedding_matrix(emb, 32))
+    torch.testing.assert_close(wte[:VOCAB - 2], fit_pretrained_embeddings(emb, 32))
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(repo):
@@ -316,10 +315,10 @@ def error_of(repo, monkeypatch, *args):
 
 @pytest.mark.parametrize('args, fragments', [
     (['--dataset=nothing'], ['no data/nothing/train.bin', 'python data/nothing/prepare.py']),
-    (['--init_from=resume'], ["init_from='resume' but there is no out/ckpt.pt"]),
+    (['--init_from=resume'], ['no checkpoint out/ckpt.pt', 'train one first']),
     (['--eval_block_size=32'], ['eval_block_size=32 is larger than block_size=16', 'alibi=True']),
     (['--eval_block_size=0'], ['eval_block_size=0 is not an integer >= 1, or None']),
-    (['--pre_trained_embs=True'], ['no data/tiny/emb_mat.pt', 'python data/openwebtext/embmatrix.py']),
+    (['--pretrained_embeddings=True'], ['no data/tiny/pretrained_embeddings.pt', 'python data/openwebtext/pretrained_embeddings.py']),
     (['--init_from=gtp2'], ["init_from='gtp2' is not"]),
     (['--dtype=float8'], ["dtype='float8' is not one of 'auto', 'float32', 'bfloat16', 'float16'"]),
     (['--gelu=gelu_new'], ["gelu='gelu_new' is not 'erf' (the exact GELU, as nanoGPT) or 'tanh' (GPT-2's)"]),
@@ -430,8 +429,8 @@ def test_resumes_a_checkpoint_written_by_the_original_nanogpt(repo, tmp_path):
     ckpt = load_ckpt(original / 'out' / 'ckpt.pt')
     theirs = nanogpt.GPT(nanogpt.GPTConfig(**ckpt['model_args'])).eval()
     theirs.load_state_dict(ckpt['model'])
-    from model import load_checkpoint
-    ours = load_checkpoint(original / 'out' / 'ckpt.pt')[0].eval()
+    from files import load_checkpoint
+    ours = load_checkpoint(original / 'out')[0].eval()
     x = torch.randint(0, VOCAB, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(ours(x, x)[0], theirs(x, x)[0], rtol=0, atol=1e-6)  # nanoGPT's exact GELU too

@@ -1,11 +1,11 @@
 """
-Writes emb_mat.pt, the token embedding matrix that train.py --pre_trained_embs=True starts from: a
+Writes pretrained_embeddings.pt, the token embedding matrix that train.py --pretrained_embeddings=True starts from: a
 float tensor [50257, D], one row per GPT-2 token id. Either the wte of a GPT-2 model through
 transformers (--model gpt2, or a local Hugging Face directory), or vectors from a word-vector text
 file in GloVe format, one 'word v1 ... vD' per line (--glove glove.840B.300d.txt). GloVe words are
 matched to each GPT-2 token's string with its leading space stripped, exactly first, else case-folded;
 tokens with no match get random rows of the same per-dimension mean and spread. train.py maps D to
-n_embd and rescales to the model's init std (model.fit_embedding_matrix).
+n_embd and rescales to the model's init std (model.fit_pretrained_embeddings).
 """
 import argparse
 import itertools
@@ -19,12 +19,12 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 source = parser.add_mutually_exclusive_group(required=True)
 source.add_argument('--model', help="a GPT-2 model name (gpt2, gpt2-medium, ...) or a local Hugging Face directory")
 source.add_argument('--glove', help="a word-vector text file: 'word v1 ... vD' per line")
-parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'emb_mat.pt'),
-                    help="where to write; train.py reads data/<dataset>/emb_mat.pt")
+parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pretrained_embeddings.pt'),
+                    help="where to write; train.py reads data/<dataset>/pretrained_embeddings.pt")
 parser.add_argument('--seed', type=int, default=1337, help="seed of the random rows for unknown tokens")
 args = parser.parse_args()
 if not args.out or os.path.isdir(args.out):
-    fail(f"--out={args.out!r} is not a file name, e.g. data/openwebtext/emb_mat.pt")
+    fail(f"--out={args.out!r} is not a file name, e.g. data/openwebtext/pretrained_embeddings.pt")
 
 import numpy as np  # after the arguments: --help stays quick
 import torch

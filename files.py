@@ -1,0 +1,130 @@
+"""
+The project's files, read and written safely, in one place: checkpoints (ckpt.pt), a dataset's vocabulary
+(meta.pkl) and token bins (train.bin, val.bin). Writes go to a temporary file that is synced and then renamed
+over the old one, so a crash, a kill or a full disk leaves the previous file whole; reads run no code from the
+file (torch.load(weights_only=True), a pickle reader of plain values). Errors are ValueErrors or OSErrors
+whose text is one line naming the file and the fix, for the scripts' fail().
+"""
+import os
+import pickle
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig, clean_state_dict
+
+
+def os_error_text(e):
+    """An OSError in a few words: 'no space left on device', 'read-only file system', 'permission denied'."""
+    return (e.strerror or str(e)).lower() if isinstance(e, OSError) else str(e)
+
+
+def write_atomically(path, write):
+    """write(f) into a temporary file beside path, synced, then renamed over path. On any failure (a full
+    disk, an unwritable directory, Ctrl-C) the temporary file is removed, path is left as it was, and the
+    OSError (or the interrupt) goes on up."""
+    tmp_path = path + '.tmp'
+    try:
+        with open(tmp_path, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        try:
+            os.remove(tmp_path)
+        except OSError:
+            pass
+        raise
+
+
+def write_checkpoint(checkpoint, path):
+    """torch.save(checkpoint) to path, whole or not at all (write_atomically). Raises OSError saying why, in one
+    line, when it cannot be written."""
+    try:
+        write_atomically(path, lambda f: torch.save(checkpoint, f))
+    except RuntimeError as e:  # torch.save reports a failed write as RuntimeError; the OSError behind it says why
+        cause = e.__cause__ or e.__context__
+        raise OSError(f"cannot write {path}: {os_error_text(cause) if cause else str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {os_error_text(e)}") from None
+
+
+def load_checkpoint(out_dir, device='cpu', override_args=None):
+    """The GPT saved in out_dir/ckpt.pt (ours or the original nanoGPT's) and the checkpoint dict. weights_only=True
+    refuses a checkpoint that holds anything but tensors and plain values. override_args: GPTConfig fields that
+    leave the weights' shapes alone (dropout, flash_attn) to take over the checkpoint's. Raises ValueError saying
+    what is wrong: no ckpt.pt, a damaged or unsafe file, or another model's."""
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(ckpt_path):
+        raise ValueError(f"no checkpoint {ckpt_path}: train one first (python train.py --out_dir={out_dir} ...), "
+                         f"or pass --out_dir=<the run's directory>")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain values; or a damaged file
+        raise ValueError(f"cannot load {ckpt_path} safely ({str(e).strip().splitlines()[0]}); "
+                         f"only checkpoints of tensors and plain values load") from None
+    try:
+        model_args = {**checkpoint['model_args'], **(override_args or {})}
+        # older checkpoints have no gelu: ours (with an alibi key) used GPT-2's tanh GELU, nanoGPT's the exact one
+        model_args.setdefault('gelu', 'tanh' if 'alibi' in checkpoint['model_args'] else 'erf')
+        model = GPT(GPTConfig(**model_args))  # nanoGPT's lack flash_attn and alibi: the defaults match
+        model.load_state_dict(clean_state_dict(checkpoint['model']))
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{ckpt_path} is not a checkpoint of this model.py ({str(e).strip().splitlines()[0]})") from None
+    return model, checkpoint
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain dicts, lists, tuples, strings and numbers only. Anything else in a pickle is a
+    reference to a class or function, which unpickling would call: a meta.pkl from the internet could run code."""
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+
+
+def load_meta(path):
+    """A dataset's meta.pkl (nanoGPT's {'vocab_size', 'itos', 'stoi'}), read without running any code.
+    Raises ValueError when the file holds anything but plain values."""
+    try:
+        with open(path, 'rb') as f:
+            meta = PlainUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{path} is not a plain vocabulary pickle ({e}); refusing to load it: re-create it with "
+                         f"the dataset's prepare.py") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get('vocab_size'), int):
+        raise ValueError(f"{path} has no 'vocab_size': re-create it with the dataset's prepare.py")
+    return meta
+
+
+def same_vocabulary(a, b):
+    """Whether two meta.pkl vocabularies (or None: GPT-2's BPE) are the same: the size, and the characters where
+    both list them."""
+    if a is None or b is None:
+        return a is b
+    return a['vocab_size'] == b['vocab_size'] and (a.get('itos') == b.get('itos') or not (a.get('itos') and b.get('itos')))
+
+
+def open_bin(path, min_tokens=1):
+    """The uint16 token ids of a train.bin or val.bin, memory-mapped (nothing is read yet). Raises ValueError,
+    naming the file and its prepare.py, when it is missing, not whole uint16 tokens, or shorter than min_tokens."""
+    prepare = os.path.join(os.path.dirname(path), 'prepare.py')
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise ValueError(f"no {path}: run python {prepare} first") from None
+    if size % 2:
+        raise ValueError(f"{path} has an odd number of bytes, not whole uint16 tokens (cut short?): "
+                         f"re-create it with python {prepare}")
+    if size // 2 < min_tokens:
+        raise ValueError(f"{path} has only {size // 2} tokens, too few for windows of {min_tokens}: "
+                         f"use a smaller block_size or more data")
+    return np.memmap(path, dtype=np.uint16, mode='r') if size else np.zeros(0, dtype=np.uint16)
+
+
+def check_token_ids(top, vocab_size, path):
+    """A bin's largest token id must be below the model's vocab_size: else the data and the vocabulary (meta.pkl,
+    or the checkpoint's) are not the same dataset's. Raises ValueError naming both."""
+    if top >= vocab_size:
+        raise ValueError(f"{path} holds token id {top}, past the model's vocab_size {vocab_size}: the data and the "
+                         f"vocabulary (meta.pkl, or the checkpoint's) do not match; re-create it with its prepare.py, "
+                         f"or pass the dataset the model was trained on")

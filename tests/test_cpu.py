@@ -1,0 +1,132 @@
+"""cpu.py: the CPU speed-ups keep the model's parameters, state_dict and results, and step aside elsewhere."""
+import os
+import subprocess
+import sys
+
+import platform
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cpu
+from conftest import ROOT, tiny_model
+from model import GPT, GPTConfig
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('p', [0.1, 0.5])
+def test_cpu_dropout_drops_with_probability_p_and_keeps_the_expectation(p, dtype):
+    torch.manual_seed(0)
+    drop = cpu.BitMaskDropout(p).train()
+    x = (torch.rand(1000, 1001) + 0.5).to(dtype)
+    x.requires_grad_()
+    torch.manual_seed(1)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 3e-3
+    for lane in range(4):  # every 16-bit lane of the random words is uniform
+        assert abs(kept.view(-1)[lane::4].float().mean().item() - (1 - p)) < 5e-3
+    assert abs(y.float().sum().item() / x.float().sum().item() - 1) < 3e-3
+    y.sum().backward()  # the gradient passes exactly the kept elements, scaled alike
+    torch.testing.assert_close(x.grad, (y.float() / x.float()).detach().to(dtype))  # within dtype's rounding
+    torch.manual_seed(1)
+    assert torch.equal(drop(x), y)  # follows torch's seed, as F.dropout does (resumes repeat it)
+    assert torch.equal(drop.eval()(x), x) and torch.equal(cpu.BitMaskDropout(1.0).train()(x), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize('bias', [False, True])
+@pytest.mark.parametrize('out_features', [96, 65])  # 65: no slices of equal size, the plain product
+def test_decoding_linear_equals_nn_linear(bias, out_features):
+    torch.manual_seed(0)
+    linear = cpu.DecodingLinear(48, out_features, bias=bias)
+    with torch.no_grad():
+        for rows in [(1, 1, 48), (3, 1, 48), (2, 2, 48), (1, 5, 48), (48,)]:  # decoded rows; 5 or more rows: F.linear
+            x = torch.randn(*rows)
+            torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 1, 48, requires_grad=True)  # with autograd: nn.Linear's own path, gradients included
+    linear(x).sum().backward()
+    torch.testing.assert_close(x.grad, linear.weight.detach().sum(0).expand(2, 1, 48))
+    assert list(linear.state_dict()) == list(torch.nn.Linear(48, out_features, bias=bias).state_dict())
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_speed_up_keeps_parameters_state_dict_and_outputs(training):
+    model = tiny_model(dropout=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    idx = torch.randint(0, 50304, (2, 8))
+    with torch.no_grad():
+        expected = model(idx, idx)[0]
+    cpu.speed_up(model, training=training)
+    swapped = cpu.BitMaskDropout if training else cpu.DecodingLinear
+    assert any(type(m) is swapped for m in model.modules())
+    assert list(model.parameters()) == params  # the same tensors, not copies: an optimizer made before still works
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, idx)[0], expected, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    generated = model.generate(idx[:, :2], 5, temperature=0)
+    assert generated.shape == (2, 7)
+
+
+def run_spin_choice(env):
+    """What set_openmp_wait printed and chose, in a fresh process with env."""
+    code = "import cpu; cpu.set_openmp_wait(); import os; print('SPIN', os.environ.get('GOMP_SPINCOUNT'))"
+    return subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60).stdout
+
+
+def test_openmp_wait_keeps_the_users_own_setting():
+    assert run_spin_choice({**os.environ, 'GOMP_SPINCOUNT': '7'}).strip() == 'SPIN 7'
+
+
+def test_openmp_wait_spins_briefly_only_when_other_processes_keep_a_cpu_busy():
+    if not os.path.exists('/proc/stat') or os.path.exists('/proc/driver/nvidia'):
+        pytest.skip('Linux without an NVIDIA driver only')
+    env = {k: v for k, v in os.environ.items() if k != 'GOMP_SPINCOUNT'}
+    busy = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(os.cpu_count())]
+    try:
+        import time
+        time.sleep(0.3)
+        loaded = run_spin_choice(env)
+    finally:
+        for p in busy:
+            p.kill()
+    assert 'SPIN 1000' in loaded and 'GOMP_SPINCOUNT=1000' in loaded
+
+
+FAULTS_PER_STEP = """
+import resource, sys, torch
+import cpu
+from model import GPT, GPTConfig
+if sys.argv[1] == 'keep':
+    cpu.keep_freed_memory()
+torch.manual_seed(0)
+model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=128, vocab_size=65))
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+X = torch.randint(65, (12, 64))
+def step():
+    _, loss = model(X, X, chunked_loss=True)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc', reason='glibc only')
+def test_training_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
+    """With glibc's defaults every step of a small model maps fresh memory for its activations and page-faults
+    it in (hundreds of faults a step); cpu.speed_up(training=True) keeps freed memory for the next step."""
+    def faults(mode):
+        out = subprocess.run([sys.executable, '-c', FAULTS_PER_STEP, mode], cwd=ROOT, capture_output=True, text=True, check=True)
+        return float(out.stdout.split()[-1])
+    default, kept = faults('default'), faults('keep')
+    assert kept * 3 < default, (kept, default)
