@@ -10,8 +10,9 @@ train.py starts a meter, marks its evaluations, and asks for a span at each log 
         losses = estimate_loss()
     e = meter.span('eval')                      # every process calls it: the sum over them, or None
     e = meter.span('train', step=iter_num + 1)  # joules of the iterations since the last train span
-    totals = meter.finish(step=iter_num)        # the run's energy_total_j, energy_train_j, energy_eval_j
-energy.text(e) is the iteration line's ', 12.3 J, 4.5 mJ/tok' and energy.fields(e) the log.jsonl fields.
+    totals = meter.finish(step=iter_num)        # the run's energy_total_j, energy_train_j, energy_eval_j, ...
+energy.text(e) is the iteration line's ', 12.3 J, 4.5 mJ/tok', energy.fields(e) the log.jsonl fields and
+energy.summary(totals) the run's line.
 bench.py compares runs (the toggles) with compare(). What this machine measures, how fast, how often the counter moves:
     python energy.py [cpu|cuda|cuda:N]
 """
@@ -26,7 +27,7 @@ import torch
 
 RAPL_ROOT = '/sys/class/powercap'
 HWMON_ROOT = '/sys/class/hwmon'
-KINDS = ('train', 'eval')  # the accumulators a meter keeps apart; every process must use the same ones
+KINDS = ('train', 'eval', 'other')  # kept apart (other: checkpoint writes, HellaSwag); the same on every process
 
 
 class NotMeasured(Exception):
@@ -256,6 +257,15 @@ def fields(span):
     if span.kind == 'train':
         return {'energy_j': span.joules, 'mj_per_token': span.mj_per_token, 'energy_tokens': span.tokens}
     return {f'{span.kind}_energy_j': span.joules, f'{span.kind}_mj_per_token': span.mj_per_token}
+
+
+def summary(totals):
+    """The run's energy in one line, from finish()'s fields."""
+    per_token = totals.get('energy_mj_per_token')
+    parts = ', '.join(f"{k[7:-2].replace('train', 'training').replace('eval', 'evaluation')} {v:.4g} J"
+                      for k, v in totals.items() if k.endswith('_j') and k != 'energy_total_j' and v)
+    return (f"energy of the run: {totals['energy_total_j']:.4g} J" + (f" ({parts})" if parts else '') +
+            (f", {per_token:.3g} mJ per token trained" if per_token else ''))
 
 
 class Meter:

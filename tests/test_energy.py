@@ -54,9 +54,10 @@ def test_known_joules_per_span_and_the_log_fields(capsys):
     assert second.mj_per_token == pytest.approx(0.125)
     totals = meter.finish(step=10)
     assert totals == pytest.approx({'energy_total_j': 8.0, 'energy_train_j': 8.0, 'energy_eval_j': 0.0,
-                                    'energy_mj_per_token': 8.0 * 1000 / 5000})
+                                    'energy_other_j': 0.0, 'energy_mj_per_token': 8.0 * 1000 / 5000})
     assert meter.span('train') is None  # finished
     json.dumps(totals)
+    assert energy.summary(totals) == "energy of the run: 8 J (training 8 J), 1.6 mJ per token trained"
 
 
 def test_evaluations_kept_apart_from_training():
@@ -70,10 +71,13 @@ def test_evaluations_kept_apart_from_training():
     assert span.joules == 6.5 and span.tokens == 100
     with meter.during('eval'):  # 0.5 J of training, 0.2 J of evaluation, then 0.1 J of training
         pass
-    assert meter.finish(step=2) == pytest.approx({'energy_total_j': 10.3, 'energy_train_j': 7.1, 'energy_eval_j': 3.2,
-                                                  'energy_mj_per_token': 7.1 * 1000 / 200})
-    with pytest.raises(ValueError, match="'checkpoint' is not one of"):
-        with meter.during('checkpoint'):
+    totals = meter.finish(step=2)
+    assert totals == pytest.approx({'energy_total_j': 10.3, 'energy_train_j': 7.1, 'energy_eval_j': 3.2,
+                                    'energy_other_j': 0.0, 'energy_mj_per_token': 7.1 * 1000 / 200})
+    assert energy.summary(totals) == ("energy of the run: 10.3 J (training 7.1 J, evaluation 3.2 J), "
+                                      "35.5 mJ per token trained")
+    with pytest.raises(ValueError, match="'hellaswag' is not one of"):
+        with meter.during('hellaswag'):
             pass
 
 
