@@ -58,20 +58,29 @@ class NVML:
                 self.handle = pynvml.nvmlDeviceGetHandleByIndex(value)
             self.name = pynvml.nvmlDeviceGetName(self.handle)
             self.name = self.name.decode() if isinstance(self.name, bytes) else self.name
-            self.power_mw()  # a GPU with neither reading is not measured
         except pynvml.NVMLError as e:
             raise NotMeasured(f"NVML: {e}") from None
         try:
+            self.power_mw()  # a GPU with neither reading is not measured
+        except OSError as e:
+            raise NotMeasured(str(e)) from None
+        try:
             self.energy_mj()
             self.has_energy = True
-        except pynvml.NVMLError:  # NOT_SUPPORTED before Volta
+        except OSError:  # NOT_SUPPORTED before Volta
             self.has_energy = False
 
     def energy_mj(self):
-        return self.nv.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        try:
+            return self.nv.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        except self.nv.NVMLError as e:
+            raise OSError(f"NVML: {e}") from None
 
     def power_mw(self):
-        return self.nv.nvmlDeviceGetPowerUsage(self.handle)
+        try:
+            return self.nv.nvmlDeviceGetPowerUsage(self.handle)
+        except self.nv.NVMLError as e:
+            raise OSError(f"NVML: {e}") from None
 
 
 def nvml_key(props, index, visible=None):
@@ -119,7 +128,10 @@ class PowerIntegral:
 
     def _run(self, interval):
         while not self.stopped.wait(interval):
-            self.sample()
+            try:
+                self.sample()
+            except (OSError, ValueError):  # a failed reading: the next sample's trapezoid spans the gap
+                pass
 
     def sample(self):
         with self.lock:
@@ -208,11 +220,10 @@ class Rapl:
         self.joules = 0.0
 
     def read(self):
-        moved = 0
-        for i, (_, path, wraps_at) in enumerate(self.domains):
-            now = read_uj(path)
-            moved += now - self.last[i] if now >= self.last[i] else now + (wraps_at or 0) - self.last[i]
-            self.last[i] = now
+        now = [read_uj(path) for _, path, _ in self.domains]  # all of them, or (an error) none
+        moved = sum(n - last if n >= last else n + (wraps_at or 0) - last
+                    for n, last, (_, _, wraps_at) in zip(now, self.last, self.domains))
+        self.last = now
         self.joules += moved / 1e6
         return self.joules, moved != 0
 
@@ -293,7 +304,10 @@ class Meter:
 
     def _read(self):
         now = self.clock()
-        joules, fresh = self.source.read()
+        try:
+            joules, fresh = self.source.read()
+        except (OSError, ValueError):  # a failed read changes nothing: what it missed lands with the next one
+            joules, fresh = self.joules, False
         if self.pending and self.pending[-1][0] == self.kind:
             self.pending[-1][1] += now - self.t
         else:

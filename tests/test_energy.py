@@ -179,7 +179,11 @@ def test_rapl_packages_and_dram_with_a_wraparound(tmp_path, capsys):
     write(f'{root}/intel-rapl:1/intel-rapl:1:0/energy_uj', 3_500_000)  # +0.5 J
     assert meter.span('train', step=2).joules == pytest.approx(0.5)
     write(f'{root}/intel-rapl:1/energy_uj', 10_250_000)
-    assert meter.finish()['energy_total_j'] == pytest.approx(span.joules + 0.75)
+    write(f'{root}/intel-rapl:0/intel-rapl:0:2/energy_uj', '')  # a failed read: nothing lost, carried to the next
+    assert meter.span('train', step=3) is None
+    write(f'{root}/intel-rapl:0/intel-rapl:0:2/energy_uj', 7_100_000)
+    assert meter.span('train', step=4).joules == pytest.approx(0.35)
+    assert meter.finish()['energy_total_j'] == pytest.approx(span.joules + 0.85)
 
 
 def test_amd_energy_hwmon_where_there_is_no_rapl(tmp_path):
