@@ -26,7 +26,6 @@ import time
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(here))  # data/: token_bins
 sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the repository: configurator
-from configurator import fail
 
 SAMPLE_DOCS = {'sample-10BT': 9_672_101}  # documents in the stream, for the progress bar's ETA
 
@@ -42,6 +41,7 @@ parser.add_argument('--shard_docs', type=int, default=50_000, help="documents pe
                     "is lost when a run stops")
 parser.add_argument('--keep_shards', action='store_true', help="keep shards/ once train.bin and val.bin are written")
 args = parser.parse_args()
+from configurator import fail  # noqa: E402 (after the arguments: --help needs nothing else)
 num_proc_flag = '--num_threads' if any(a.startswith('--num_threads') for a in sys.argv[1:]) else '--num_proc'
 if args.val_every < 2:
     fail(f"--val_every={args.val_every} would leave train.bin empty; use 2 or more")
@@ -154,10 +154,7 @@ class StreamBroke(Exception):
 
 
 if not finished():
-    os.makedirs(shard_dir, exist_ok=True)
     done_docs = len(shards) * S
-    print(f"{source_name}: {len(shards)} shard(s) of {S:,} documents already in {shard_dir}, continuing from document {done_docs:,}"
-          if shards else f"{source_name}: tokenizing into {shard_dir}, {S:,} documents a shard, in {args.num_proc} processes")
     # the workers are forked before the dataset starts any threads; they leave Ctrl-C to this process
     pool = multiprocessing.get_context('fork').Pool(args.num_proc, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
     from datasets import load_dataset
@@ -166,11 +163,18 @@ if not finished():
             records = load_dataset(builder, data_files=data_files, split='train', streaming=True)
         else:
             records = load_dataset('HuggingFaceFW/fineweb-edu', name=args.subset, split='train', streaming=True)
-        if records.column_names is not None:  # json files: unknown until read
-            records = records.select_columns(['text'])
     except Exception as e:  # offline, a misspelt subset, unreadable files: datasets raises many types
+        pool.terminate()
         fail(f"cannot open {source_name} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
              f"{'; or read a local copy with --local_dir' if args.local_dir is None else ''}")
+    if records.column_names is not None and 'text' not in records.column_names:
+        pool.terminate()
+        fail(f"the documents of {source_name} have no 'text' column (they have {', '.join(records.column_names)})")
+    if records.column_names is not None:  # else known only once read
+        records = records.select_columns(['text'])
+    os.makedirs(shard_dir, exist_ok=True)
+    print(f"{source_name}: {len(shards)} shard(s) of {S:,} documents already in {shard_dir}, continuing from document {done_docs:,}"
+          if shards else f"{source_name}: tokenizing into {shard_dir}, {S:,} documents a shard, in {args.num_proc} process(es)")
     if shards:  # start after the last shard: the stream's own position, else by reading past the documents
         try:
             records.load_state_dict(shards[-1]['stream_state'])
@@ -178,20 +182,29 @@ if not finished():
             records = records.skip(done_docs)
     stream = iter(records)
 
+    def stop(msg):
+        """fail(msg), with the stream closed first: a generator left open complains while the interpreter shuts down."""
+        pool.terminate()
+        try:
+            stream.close()
+        except Exception:
+            pass
+        fail(msg)
+
     def read(n, first):
         try:
             texts = [record['text'] for record in itertools.islice(stream, n)]
         except KeyError:
-            fail(f"the documents of {source_name} have no 'text' column")
+            stop(f"the documents of {source_name} have no 'text' column")
         except Exception as e:  # a dropped connection surfaces as requests', aiohttp's or fsspec's errors
             raise StreamBroke(f"{type(e).__name__}: {e}") from None
         if not all(isinstance(t, str) for t in texts):
-            fail(f"document {first + next(i for i, t in enumerate(texts) if not isinstance(t, str)):,} of {source_name} has no text")
+            stop(f"document {first + next(i for i, t in enumerate(texts) if not isinstance(t, str)):,} of {source_name} has no text")
         return texts
 
     from tqdm import tqdm
     bar = tqdm(total=total_docs, initial=done_docs, unit='doc', unit_scale=True, smoothing=0.1, dynamic_ncols=True,
-               desc='fineweb', bar_format='{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} docs [{elapsed}<{remaining}{postfix}]'
+               desc='fineweb', bar_format='{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} docs [{elapsed}<{remaining}, {rate_fmt}{postfix}]'
                if total_docs else None)
     count = {'tokens': sum(shard['train_tokens'] + shard['val_tokens'] for shard in shards), 'this_run': 0}
     t0 = time.time()
@@ -236,7 +249,7 @@ if not finished():
                 for p in paths.values():
                     os.remove(p + '.tmp')
                 if not shards:
-                    fail(f"empty input: no documents in {source_name}")
+                    stop(f"empty input: no documents in {source_name}")
                 shards[-1]['end'] = True
             else:
                 for p in paths.values():
@@ -246,21 +259,20 @@ if not finished():
             save_manifest()  # a shard counts as done once the manifest lists it
             k += 1
     except (KeyboardInterrupt, StreamBroke, OSError) as e:
-        pool.terminate()
         for p in paths.values():  # the shard in progress: this script's own partial file
             if os.path.exists(p + '.tmp'):
                 os.remove(p + '.tmp')
         kept = f"{len(shards)} shard(s) ({len(shards) * S:,} documents) are kept in {shard_dir}"
-        if isinstance(e, KeyboardInterrupt):
-            fail(f"interrupted; {kept}: run the same command to continue")
-        if isinstance(e, StreamBroke):
-            fail(f"reading {source_name} broke at shard {k} ({e}); {kept}: run the same command to continue")
-        if e.errno == 28:  # ENOSPC
-            fail(f"the disk is full (writing {e.filename or shard_dir}); {kept}: free some space and run the same command to continue")
-        fail(f"cannot write shard {k} to {shard_dir} ({type(e).__name__}: {e}); {kept}: run the same command to continue")
-    finally:
         bar.close()
-    del stream  # before exit: a generator left open complains while the interpreter shuts down
+        if isinstance(e, KeyboardInterrupt):
+            stop(f"interrupted; {kept}: run the same command to continue")
+        if isinstance(e, StreamBroke):
+            stop(f"reading {source_name} broke at shard {k} ({e}); {kept}: run the same command to continue")
+        if e.errno == 28:  # ENOSPC
+            stop(f"the disk is full (writing in {shard_dir}); {kept}: free some space and run the same command to continue")
+        stop(f"cannot write shard {k} to {shard_dir} ({type(e).__name__}: {e}); {kept}: run the same command to continue")
+    bar.close()
+    stream.close()
     pool.close()
 
 # train.bin and val.bin: the shards, in order, each written whole under a temporary name and then renamed
@@ -289,5 +301,8 @@ except OSError as e:
          f"{'free some space and ' if e.errno == 28 else ''}run the same command to write it")
 print(f"train.bin: {n_tokens['train']:,} tokens, val.bin: {n_tokens['val']:,} tokens, from {n_docs:,} documents")
 if not args.keep_shards:
-    shutil.rmtree(shard_dir)
-    print(f"removed {shard_dir} (train.bin and val.bin hold it all; --keep_shards keeps it)")
+    try:
+        shutil.rmtree(shard_dir)
+        print(f"removed {shard_dir} (train.bin and val.bin hold it all; --keep_shards keeps it)")
+    except OSError as e:  # e.g. shards/ is a mount point
+        print(f"could not remove {shard_dir} ({type(e).__name__}: {e}); train.bin and val.bin hold it all")
