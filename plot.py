@@ -106,6 +106,8 @@ for i, (label, iters, evals, hellaswag) in enumerate(runs):
         summary += f", {len(evals)} evaluations, last val loss {record['val_loss']:.4f} at step {step}"
     else:
         summary += ", no evaluations"
+    if iters:
+        summary += f", smoothed train loss {smoothed[-1]:.4f} at iter {iters[-1][0]}"
     if hellaswag:
         axes[2].plot([s for s, _ in hellaswag], [a for _, a in hellaswag], 'o-', color=color, markersize=3, label=label)
         summary += f", HellaSwag acc_norm {hellaswag[-1][1]:.4f} at step {hellaswag[-1][0]}"
