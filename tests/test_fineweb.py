@@ -64,17 +64,24 @@ def prepared(tmp_path_factory, corpus):
     return repo, result.stdout
 
 
-def test_prep_writes_every_document_then_endoftext_with_a_fixed_val_split(prepared, corpus):
+def expected_bins(texts):
+    """What the bins must hold: every VAL_EVERY-th document by index in val (the first one included), the rest in
+    train, each as its GPT-2 BPE ids then <|endoftext|>, as uint16."""
     import numpy as np
     import tiktoken
-    repo, stdout = prepared
     enc = tiktoken.get_encoding('gpt2')
-    expected = {'train': [], 'val': []}
-    for i, text in enumerate(corpus[1]):  # every VAL_EVERY-th document by index, the first one included
-        expected['val' if i % VAL_EVERY == 0 else 'train'] += enc.encode_ordinary(text) + [50256]
-    for split, data in bins(repo).items():
-        assert data == np.array(expected[split], dtype=np.uint16).tobytes(), split
-    assert f"train.bin: {len(expected['train']):,} tokens, val.bin: {len(expected['val']):,} tokens, from {N_DOCS:,} documents" in stdout
+    ids = {'train': [], 'val': []}
+    for i, text in enumerate(texts):
+        ids['val' if i % VAL_EVERY == 0 else 'train'] += enc.encode_ordinary(text) + [50256]
+    return {split: np.array(split_ids, dtype=np.uint16).tobytes() for split, split_ids in ids.items()}
+
+
+def test_prep_writes_every_document_then_endoftext_with_a_fixed_val_split(prepared, corpus):
+    repo, stdout = prepared
+    expected = expected_bins(corpus[1])
+    assert bins(repo) == expected
+    assert (f"train.bin: {len(expected['train']) // 2:,} tokens, val.bin: {len(expected['val']) // 2:,} tokens, "
+            f"from {N_DOCS:,} documents") in stdout
     assert not (repo / 'data' / 'fineweb' / 'shards').exists()  # removed once the bins hold it all
 
 
@@ -145,6 +152,25 @@ def test_prep_stopped_by_a_full_disk_resumes_once_there_is_room(tmp_path, corpus
         assert bins(repo) == bins(prepared[0])
     finally:
         subprocess.run(['umount', str(shards)])
+
+
+def test_prep_whose_reading_breaks_mid_way_resumes_once_it_reads_again(tmp_path, corpus):
+    """A stream that drops, as a local file that cannot be read past some point (same code path as the stream)."""
+    texts = corpus[1][:200]
+    folder = tmp_path / 'jsonl'
+    folder.mkdir()
+    (folder / '000.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts[:120]))
+    (folder / '001.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts[120:]) + '{"text": "cut off\n')
+    repo = copy_repo(tmp_path / 'repo')
+    args = [f'--local_dir={folder}', f'--shard_docs={SHARD_DOCS}', f'--val_every={VAL_EVERY}', '--num_proc=1']
+    result = run_script(repo, repo / PREP, *args, timeout=120)
+    assert_one_line_error(result, PREP, 'reading ', 'broke at shard', 'are kept', 'run the same command to continue')
+    assert 0 < shards_in_manifest(repo) < 200 // SHARD_DOCS + 1
+    # the file is mended (the connection is back): the prep continues and ends as one that never broke
+    (folder / '001.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts[120:]))
+    result = run_script(repo, repo / PREP, *args, check=True, timeout=120)
+    assert 'continuing from document' in result.stdout
+    assert bins(repo) == expected_bins(texts)
 
 
 def test_prep_errors_are_one_line(tmp_path, monkeypatch):

@@ -64,7 +64,7 @@ if args.local_dir is not None:
     data_files = files[builder]
     if not data_files:
         fail(f"no .parquet or .jsonl files under {args.local_dir}")
-    source = {'local_files': [[os.path.relpath(f, args.local_dir), os.path.getsize(f)] for f in data_files]}
+    source = {'local_files': [os.path.relpath(f, args.local_dir) for f in data_files]}  # by name: a file whose download was finished later still counts
     source_name = args.local_dir
     n_source_docs = None
     if builder == 'parquet':
