@@ -114,7 +114,10 @@ class DatasetFiles:
             pass
         except BlockingIOError:
             fail(f"another prepare is writing the dataset in {where} now; wait for it to end (or write elsewhere)")
-        self.repair()
+        try:
+            self.repair()
+        except OSError as e:
+            fail(f"cannot clear what a killed prepare left in {where} ({cause(e)}); see {JOURNAL} and the .tmp files there")
         self.pid = os.getpid()
         self.handlers = {}
         if threading.current_thread() is threading.main_thread():

@@ -414,7 +414,7 @@ def stopped_mid_write(repo, out, old, signum, tries=8):
     pytest.skip(f"the write never lasted long enough to be stopped in {tries} tries")
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_mid_write_leaves_the_old_set_and_no_tmp(tmp_path, signum):
     repo = copy_repo(tmp_path / 'repo')
     out = tmp_path / 'out'
