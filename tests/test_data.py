@@ -1,15 +1,17 @@
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import tiktoken
 import torch
 
-from conftest import ROOT, SHARED, exit_message
+from conftest import ROOT, SHARED, assert_one_line_error, copy_repo, exit_message, run_script
 
 sys.path.insert(0, os.path.join(ROOT, 'data'))
 import token_bins  # noqa: E402
@@ -23,15 +25,9 @@ DOCS = ['Hello world', '', 'The quick brown fox.\n\n  Jumps over\n the lazy dog.
 
 
 def run(script, *args, cwd=ROOT):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd, capture_output=True, text=True)
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode != 0
-    assert 'Traceback' not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    for word in words:
-        assert word in last
+    """script run by its absolute path, so that its errors start with its file name (conftest's
+    assert_one_line_error); run as data/text/prepare.py they start with that (see test_errors_name_the_script)."""
+    return run_script(cwd, os.path.join(cwd, script), *args)
 
 
 def read_bin(path):
@@ -45,9 +41,7 @@ def bpe_stream(docs):
 def test_shakespeare_bpe_gives_nanogpts_token_counts(tmp_path):
     if not os.path.exists(SHAKESPEARE):
         pytest.skip(f"needs Tiny Shakespeare at {SHAKESPEARE}")
-    (tmp_path / 'data' / 'shakespeare').mkdir(parents=True)
-    shutil.copy(os.path.join(ROOT, 'data', 'token_bins.py'), tmp_path / 'data')
-    shutil.copy(os.path.join(ROOT, 'data', 'shakespeare', 'prepare.py'), tmp_path / 'data' / 'shakespeare')
+    copy_repo(tmp_path)
     shutil.copyfile(SHAKESPEARE, tmp_path / 'data' / 'shakespeare' / 'input.txt')
     result = run('data/shakespeare/prepare.py', cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -149,15 +143,17 @@ def test_own_text_file_in_characters(tmp_path, text_folder):
 
 def test_own_text_errors_are_one_line(tmp_path, text_folder):
     folder, _ = text_folder
-    assert_one_line_error(run('data/text/prepare.py', tmp_path / 'missing.txt', '--out_dir', tmp_path), 'missing.txt')
+    assert_one_line_error(run('data/text/prepare.py', tmp_path / 'missing.txt', '--out_dir', tmp_path), 'prepare.py',
+                          'missing.txt')
     (tmp_path / 'empty.txt').write_text('')
-    assert_one_line_error(run('data/text/prepare.py', tmp_path / 'empty.txt', '--out_dir', tmp_path), 'empty input')
+    assert_one_line_error(run('data/text/prepare.py', tmp_path / 'empty.txt', '--out_dir', tmp_path), 'prepare.py',
+                          'empty input')
     assert_one_line_error(run('data/text/prepare.py', folder, '--val_fraction', 0, '--out_dir', tmp_path),
-                          '--val_fraction=0.0 is not in (0, 1)')
+                          'prepare.py', '--val_fraction=0.0 is not in (0, 1)')
     # more distinct characters than uint16 ids can number (planes 1 and 2: no surrogates)
     (tmp_path / 'huge_vocab.txt').write_text(''.join(map(chr, range(0x10000, 0x10000 + 70_000))), encoding='utf-8')
     assert_one_line_error(run('data/text/prepare.py', tmp_path / 'huge_vocab.txt', '--char', '--out_dir', tmp_path),
-                          '65536')
+                          'prepare.py', '65536')
     assert not (tmp_path / 'train.bin').exists()
 
 
@@ -183,18 +179,17 @@ def test_shakespeare_char_offline_without_its_text_is_one_line(tmp_path, monkeyp
     def offline(*args, **kwargs):
         raise requests.ConnectionError('no network')
     monkeypatch.setattr(requests, 'get', offline)
-    (tmp_path / 'shakespeare_char').mkdir()
-    shutil.copy(os.path.join(ROOT, 'data', 'shakespeare_char', 'prepare.py'), tmp_path / 'shakespeare_char')
-    message = exit_message(monkeypatch, tmp_path, 'shakespeare_char/prepare.py')
+    copy_repo(tmp_path)
+    message = exit_message(monkeypatch, tmp_path, 'data/shakespeare_char/prepare.py')
     assert 'cannot download' in message and 'ConnectionError' in message and 'input.txt instead' in message
 
 
 def test_network_prepare_scripts_fail_in_one_line_when_offline():
     for script in ('data/openwebtext/prepare.py', 'data/fineweb/prepare.py'):
-        assert_one_line_error(run(script), 'cannot')
+        assert_one_line_error(run(script), script, 'cannot')
 
 
-def test_embmatrix_copies_a_gpt2_models_wte(tmp_path):
+def test_pretrained_embeddings_script_copies_a_gpt2_models_wte(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=enc.n_vocab, n_positions=16, n_embd=8, n_layer=1, n_head=2))
@@ -206,7 +201,7 @@ def test_embmatrix_copies_a_gpt2_models_wte(tmp_path):
     assert torch.equal(emb, hf.transformer.wte.weight.detach())
 
 
-def test_embmatrix_maps_glove_words_onto_gpt2_tokens(tmp_path):
+def test_pretrained_embeddings_script_maps_glove_words_onto_gpt2_tokens(tmp_path):
     g = torch.Generator().manual_seed(0)
     words = ['the', 'The', 'hello', 'world', ',', 'KING', 'king', 'a b', 'zzzqqxx']
     vectors = {w: torch.randn(5, generator=g) for w in words}
@@ -231,11 +226,13 @@ def test_embmatrix_maps_glove_words_onto_gpt2_tokens(tmp_path):
     assert torch.isfinite(unknown).all() and unknown.std(0).min() > 0.1  # random rows, not zeros
 
 
-def test_embmatrix_errors_are_one_line(tmp_path):
-    assert_one_line_error(run('data/openwebtext/pretrained_embeddings.py', '--glove', tmp_path / 'nope.txt'), 'nope.txt')
+def test_pretrained_embeddings_script_errors_are_one_line(tmp_path):
+    assert_one_line_error(run('data/openwebtext/pretrained_embeddings.py', '--glove', tmp_path / 'nope.txt'), 'pretrained_embeddings.py',
+                          'nope.txt')
     (tmp_path / 'nonsense.txt').write_text('qqqzzzx 1 2\nxxqqzzw 3 4\n')
     assert_one_line_error(run('data/openwebtext/pretrained_embeddings.py', '--glove', tmp_path / 'nonsense.txt',
-                              '--out', tmp_path / 'pretrained_embeddings.pt'), 'no GPT-2 token found')
+                              '--out', tmp_path / 'pretrained_embeddings.pt'), 'pretrained_embeddings.py',
+                          'no GPT-2 token found')
     assert not (tmp_path / 'pretrained_embeddings.pt').exists()
 
 
@@ -304,11 +301,217 @@ def test_embeddings_from_a_trained_model_beat_random_ones(tmp_path, one_thread):
 ])
 def test_data_scripts_answer_help_without_writing_anything(tmp_path, script, writes):
     # a copy of data/'s scripts with no input.txt, as a new user has it: a run would download and write
-    shutil.copytree(os.path.join(ROOT, 'data'), tmp_path / 'data', ignore=shutil.ignore_patterns('*.bin', '*.pkl', '*.pt',
-                                                                                                  '*.txt', '__pycache__'))
+    copy_repo(tmp_path)  # the scripts, and configurator.py they take fail from
     before = sorted(p for p in tmp_path.rglob('*'))
     result = subprocess.run([sys.executable, script, '--help'], cwd=tmp_path, capture_output=True, text=True,
                             env=dict(os.environ, PYTHONDONTWRITEBYTECODE='1'), timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith('usage: ') and writes in result.stdout  # what it does and what it writes
     assert sorted(p for p in tmp_path.rglob('*')) == before
+
+
+# -----------------------------------------------------------------------------
+# a dataset is replaced whole or not at all: full disk, read-only, signals, kill -9, a kill between renames
+
+from test_prepare_char import files_of, tmpfs  # noqa: E402  (the real full disk, and a folder's bytes)
+
+TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!\n"
+PREPARE = 'data/text/prepare.py'
+
+
+def old_set(repo, out, *args):
+    """out holding a character-level dataset (train.bin, val.bin, meta.pkl): its files' bytes."""
+    (repo / 'old.txt').write_text(TEXT * 100, encoding='utf-8')
+    run(PREPARE, repo / 'old.txt', '--char', '--out_dir', out, *args, cwd=repo).check_returncode()
+    assert sorted(os.listdir(out)) == ['meta.pkl', 'train.bin', 'val.bin']
+    return files_of(out)
+
+
+@pytest.mark.parametrize('args, fails_at', [([], 'train.bin'), (['--val_fraction', '0.5'], 'val.bin')])
+def test_own_text_on_a_full_disk_keeps_the_old_set(tmp_path, args, fails_at):
+    repo = copy_repo(tmp_path / 'repo')
+    with tmpfs(tmp_path / 'disk', '256k') as out:
+        old = old_set(repo, out)  # 17 KB
+        (repo / 'new.txt').write_text(TEXT * 1700, encoding='utf-8')  # 146 KB of text: 292 KB of ids
+        result = run(PREPARE, repo / 'new.txt', '--char', '--out_dir', out, *args, cwd=repo)
+        assert_one_line_error(result, PREPARE, f'cannot write {out}/{fails_at}: no space left on device; '
+                                               f'the dataset in {out} is unchanged')
+        assert result.returncode == 1
+        assert files_of(out) == old  # byte for byte, meta.pkl too, and no .tmp left
+        # and a BPE set (26 KB) that fits replaces the character set, meta.pkl included
+        run(PREPARE, repo / 'old.txt', '--out_dir', out, cwd=repo).check_returncode()
+        assert sorted(os.listdir(out)) == ['train.bin', 'val.bin']
+
+
+def test_own_text_into_a_read_only_or_impossible_place_is_one_line(tmp_path):
+    repo = copy_repo(tmp_path / 'repo')
+    (repo / 'new.txt').write_text(TEXT * 10, encoding='utf-8')
+    with tmpfs(tmp_path / 'disk', '256k') as out:
+        old = old_set(repo, out)
+        subprocess.run(['mount', '-o', 'remount,ro', str(out)], check=True)
+        result = run(PREPARE, repo / 'new.txt', '--out_dir', out, cwd=repo)
+        assert_one_line_error(result, PREPARE, f'cannot write to {out}: read-only file system; the dataset there is unchanged')
+        assert files_of(out) == old
+    (tmp_path / 'a_file').write_text('not a folder')
+    assert_one_line_error(run(PREPARE, repo / 'new.txt', '--out_dir', tmp_path / 'a_file' / 'data', cwd=repo),
+                          PREPARE, f"cannot create {tmp_path / 'a_file' / 'data'}: not a directory")
+    assert_one_line_error(run(PREPARE, repo / 'new.txt', '--out_dir', tmp_path / 'a_file', cwd=repo),
+                          PREPARE, f"cannot write the dataset to {tmp_path / 'a_file'}: it is a file, not a folder")
+    assert (tmp_path / 'a_file').read_text() == 'not a folder'
+
+
+def test_errors_name_the_script_as_it_was_typed(tmp_path):
+    repo = copy_repo(tmp_path / 'repo')
+    result = run_script(repo, PREPARE, repo / 'missing.txt')
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"{PREPARE}: no file or folder {repo / 'missing.txt'}"]
+
+
+def test_a_second_prepare_into_a_folder_being_written_is_refused(tmp_path):
+    import fcntl
+    repo = copy_repo(tmp_path / 'repo')
+    out = tmp_path / 'out'
+    old = old_set(repo, out)
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a prepare that is writing there holds it
+    try:
+        result = run(PREPARE, repo / 'old.txt', '--out_dir', out, cwd=repo)
+    finally:
+        os.close(fd)
+    assert_one_line_error(result, PREPARE, f'another prepare is writing the dataset in {out} now')
+    assert files_of(out) == old
+
+
+def stopped_mid_write(repo, out, old, signum, tries=8):
+    """Run text/prepare.py --char on a 14 MB text into out and, while its new train.bin is still under
+    its .tmp name (and no journal yet), send it signum: the process is held with SIGSTOP meanwhile, so
+    the signal lands there. A try that comes too late (the set already replaced) puts the old set back
+    and runs again. Returns the finished Popen and its stderr."""
+    big = repo / 'big.txt'
+    if not big.exists():
+        big.write_text(''.join(f"line {i}: {TEXT}" for i in range(160_000)), encoding='utf-8')
+    for _ in range(tries):
+        proc = subprocess.Popen([sys.executable, os.path.join(repo, PREPARE), big, '--char', '--out_dir', out],
+                                cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        while proc.poll() is None and not (out / 'train.bin.tmp').exists():
+            time.sleep(0.0002)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGSTOP)
+            while open(f'/proc/{proc.pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'T':
+                time.sleep(0.0002)
+            if (out / 'train.bin.tmp').exists() and not (out / 'prepare.journal').exists():
+                os.kill(proc.pid, signum)
+                os.kill(proc.pid, signal.SIGCONT)
+                _, stderr = proc.communicate(timeout=120)
+                return proc, stderr
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.communicate(timeout=120)
+        for name in os.listdir(out):
+            os.remove(out / name)
+        for name, data in old.items():
+            (out / name).write_bytes(data)
+    pytest.skip(f"the write never lasted long enough to be stopped in {tries} tries")
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_mid_write_leaves_the_old_set_and_no_tmp(tmp_path, signum):
+    repo = copy_repo(tmp_path / 'repo')
+    out = tmp_path / 'out'
+    old = old_set(repo, out)
+    proc, stderr = stopped_mid_write(repo, out, old, signum)
+    assert proc.returncode == 1 and 'Traceback' not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (f"prepare.py: stopped by {signal.Signals(signum).name} before the new "
+                                               f"dataset was complete; the dataset in {out} is unchanged")
+    assert files_of(out) == old
+
+
+def test_kill_9_mid_write_leaves_the_old_set_and_the_next_run_clears_its_tmp(tmp_path):
+    repo = copy_repo(tmp_path / 'repo')
+    out = tmp_path / 'out'
+    old = old_set(repo, out)
+    proc, _ = stopped_mid_write(repo, out, old, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    left = files_of(out)
+    assert 'train.bin.tmp' in left and 'prepare.journal' not in left  # kill -9 cannot clean up...
+    assert {name: left[name] for name in old} == old  # ...but the old set is whole
+    # the next run, even one that fails on its input, removes them and keeps the old set
+    (repo / 'one.txt').write_text('x')
+    result = run(PREPARE, repo / 'one.txt', '--char', '--out_dir', out, cwd=repo)
+    assert_one_line_error(result, PREPARE, 'train split is empty')
+    assert 'train.bin.tmp' in result.stdout and 'killed while writing' in result.stdout
+    assert files_of(out) == old
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, sys
+sys.path.insert(0, os.path.join(sys.argv[1], 'data'))
+import numpy as np
+import token_bins
+renames = []
+def replace_then_die(src, dst):
+    os.rename(src, dst)
+    renames.append(dst)
+    if len(renames) == 2:  # the journal, then train.bin: val.bin and meta.pkl are still the old ones
+        os._exit(9)
+token_bins.os.replace = replace_then_die
+with token_bins.DatasetFiles(sys.argv[2]) as files:  # a BPE set: meta.pkl is to go
+    files.write_ids('train.bin', np.arange(1000, dtype=np.uint16))
+    files.write_ids('val.bin', np.arange(100, dtype=np.uint16))
+"""
+
+
+def test_a_run_killed_between_renames_is_finished_by_the_next(tmp_path):
+    repo = copy_repo(tmp_path / 'repo')
+    out = tmp_path / 'out'
+    old = old_set(repo, out)
+    killed = subprocess.run([sys.executable, '-c', KILLED_BETWEEN_RENAMES, repo, out], capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr
+    assert sorted(os.listdir(out)) == ['meta.pkl', 'prepare.journal', 'train.bin', 'val.bin', 'val.bin.tmp']
+    assert files_of(out)['val.bin'] == old['val.bin']  # a mixed set, until...
+    (repo / 'one.txt').write_text('x')
+    result = run(PREPARE, repo / 'one.txt', '--char', '--out_dir', out, cwd=repo)  # ...any run into out: this one fails
+    assert_one_line_error(result, PREPARE, 'train split is empty')
+    assert 'put in place the dataset (train.bin, val.bin)' in result.stdout
+    assert sorted(os.listdir(out)) == ['train.bin', 'val.bin']  # the killed run's set, whole
+    assert np.array_equal(read_bin(out / 'train.bin'), np.arange(1000)) and np.array_equal(read_bin(out / 'val.bin'),
+                                                                                         np.arange(100))
+
+
+# -----------------------------------------------------------------------------
+# what data/text/prepare.py reads: each file once, no whitespace-only corpus, links and folders named *.txt
+
+@pytest.mark.parametrize('as_folder', [False, True])
+def test_own_text_of_only_whitespace_is_refused(tmp_path, as_folder):
+    (tmp_path / 'texts').mkdir()
+    (tmp_path / 'texts' / 'a.txt').write_text(' \n\n\t  \n')
+    (tmp_path / 'texts' / 'b.txt').write_text('\r\n')
+    source = tmp_path / 'texts' if as_folder else tmp_path / 'texts' / 'a.txt'
+    result = run(PREPARE, source, '--out_dir', tmp_path / 'out')
+    assert_one_line_error(result, PREPARE, f'empty input: {source} holds only whitespace')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_own_text_folder_with_links_reads_each_file_once(tmp_path, text_folder):
+    folder, docs = text_folder
+    os.symlink('..', folder / 'sub' / 'up')                 # a loop: sub/up/sub/up/...
+    os.symlink(folder / 'a.txt', folder / 'sub' / 'a_again.txt')  # the same file by another name
+    (folder / 'notes.txt').mkdir()                          # a folder named *.txt is searched as a folder
+    (folder / 'notes.txt' / 'd.txt').write_text('In a folder named notes.txt.\n' * 5, encoding='utf-8')
+    out = tmp_path / 'out'
+    result = run(PREPARE, folder, '--out_dir', out)
+    assert result.returncode == 0, result.stderr
+    assert 'from 4 file(s)' in result.stdout
+    expected = bpe_stream([docs[0], docs[1], 'In a folder named notes.txt.\n' * 5, docs[2]])  # sorted by path
+    assert np.array_equal(np.concatenate([read_bin(out / 'train.bin'), read_bin(out / 'val.bin')]), expected)
+
+
+def test_own_text_folder_with_a_broken_link_names_it(tmp_path, text_folder):
+    folder, _ = text_folder
+    os.symlink('moved_away.txt', folder / 'sub' / 'gone.txt')
+    result = run(PREPARE, folder, '--out_dir', tmp_path / 'out')
+    assert_one_line_error(result, PREPARE, f"{folder / 'sub' / 'gone.txt'} is a link to moved_away.txt, which does not "
+                                           f"exist; remove the link or restore its target")
+    assert_one_line_error(run(PREPARE, folder / 'sub' / 'gone.txt', '--out_dir', tmp_path / 'out'), PREPARE,
+                          'gone.txt is a link to moved_away.txt, which does not exist')
+    assert not (tmp_path / 'out').exists()

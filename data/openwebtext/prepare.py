@@ -1,15 +1,18 @@
 """
 OpenWebText in GPT-2 BPE, as nanoGPT prepares it: the Hugging Face dataset (8,013,769 documents,
 about 54 GB in the HF cache), a 0.0005 val split (seed 2357), every document followed by
-<|endoftext|>. Writes train.bin (~17 GB, ~9B tokens) and val.bin (~8.5 MB, ~4M tokens) next to this file.
+<|endoftext|>. Writes train.bin (~17 GB, ~9B tokens) and val.bin (~8.5 MB, ~4M tokens) next to this file,
+replacing the dataset there whole or, if the run fails or is stopped, not at all.
 """
 import argparse
 import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from token_bins import fail, write_dataset
+root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [root, os.path.join(root, 'data')]
+from configurator import fail  # noqa: E402
+from token_bins import DatasetFiles, write_dataset  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--num_proc', type=int, default=8, help="tokenizing processes (about half your CPU cores)")
@@ -37,6 +40,7 @@ if not 0 < n_val < n_docs:
 split_dataset = dataset['train'].train_test_split(test_size=n_val, seed=2357, shuffle=True)
 split_dataset['val'] = split_dataset.pop('test')  # train.py calls it val
 
-for split, dset in split_dataset.items():
-    n_tokens = write_dataset(dset, os.path.join(here, f'{split}.bin'), num_proc=args.num_proc)
-    print(f"{split}.bin: {n_tokens:,} tokens from {len(dset):,} documents")
+with DatasetFiles(here) as dataset:  # train.bin and val.bin together, or the old set untouched
+    for split, dset in split_dataset.items():
+        n_tokens = write_dataset(dset, os.path.join(here, f'{split}.bin'), num_proc=args.num_proc, files=dataset)
+        print(f"{split}.bin: {n_tokens:,} tokens from {len(dset):,} documents")

@@ -12,8 +12,10 @@ import itertools
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from token_bins import fail, gpt2_encoding
+root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [root, os.path.join(root, 'data')]
+from configurator import fail  # noqa: E402
+from token_bins import gpt2_encoding  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 source = parser.add_mutually_exclusive_group(required=True)

@@ -1,15 +1,18 @@
 """
 Tiny Shakespeare in GPT-2 BPE, as nanoGPT prepares it: the first 90% of the characters are train,
 the rest val, each encoded with encode_ordinary. Gives train.bin (301,966 tokens) and val.bin
-(36,059 tokens) next to this file, for config/finetune_shakespeare.py.
+(36,059 tokens) next to this file, for config/finetune_shakespeare.py, replacing the dataset there
+whole or, if the run fails or is stopped, not at all.
 """
 import argparse
 import os
 import sys
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from token_bins import encode_text, fail, gpt2_encoding, write_bin
+root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [root, os.path.join(root, 'data')]
+from configurator import fail  # noqa: E402
+from token_bins import DatasetFiles, encode_text, gpt2_encoding  # noqa: E402
 
 argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 here = os.path.dirname(os.path.abspath(__file__))
@@ -33,5 +36,6 @@ train_ids = encode_text(train_data, enc)
 val_ids = encode_text(val_data, enc)
 print(f"train has {len(train_ids):,} tokens")
 print(f"val has {len(val_ids):,} tokens")
-write_bin(train_ids, os.path.join(here, 'train.bin'))
-write_bin(val_ids, os.path.join(here, 'val.bin'))
+with DatasetFiles(here) as dataset:  # the two together (and no meta.pkl), or the old set untouched
+    dataset.write_ids('train.bin', train_ids)
+    dataset.write_ids('val.bin', val_ids)

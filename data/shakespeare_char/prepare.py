@@ -2,17 +2,21 @@
 Tiny Shakespeare as characters, for a character-level GPT: each distinct character of the text is a
 token. Writes train.bin and val.bin (uint16 token ids; the first 90% of the text, then the rest) and
 meta.pkl (vocab_size, and the itos/stoi maps that sample.py decodes and encodes with), in the same
-layout as nanoGPT. Downloads input.txt first when it is not beside this script.
+layout as nanoGPT, replacing the three whole or, if the run fails or is stopped, not at all.
+Downloads input.txt first when it is not beside this script.
 """
 import argparse
 import os
-import pickle
 import sys
 
 import numpy as np
 
 argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(os.path.dirname(here)), os.path.dirname(here)]
+from configurator import fail  # noqa: E402
+from token_bins import DatasetFiles, cause  # noqa: E402
+
 input_path = os.path.join(here, 'input.txt')
 if not os.path.exists(input_path):
     import requests
@@ -22,9 +26,15 @@ if not os.path.exists(input_path):
         response = requests.get(url, timeout=60)
         response.raise_for_status()
     except requests.RequestException as e:
-        sys.exit(f"{sys.argv[0]}: cannot download {url} ({type(e).__name__}); put Tiny Shakespeare at {input_path} instead")
-    with open(input_path, 'w', encoding='utf-8') as f:
-        f.write(response.text)
+        fail(f"cannot download {url} ({type(e).__name__}); put Tiny Shakespeare at {input_path} instead")
+    try:  # under a .tmp name first: an interrupted download must not pass for the text
+        with open(input_path + '.tmp', 'w', encoding='utf-8') as f:
+            f.write(response.text)
+        os.replace(input_path + '.tmp', input_path)
+    except OSError as e:
+        if os.path.exists(input_path + '.tmp'):
+            os.remove(input_path + '.tmp')
+        fail(f"cannot write {input_path}: {cause(e)}")
 
 with open(input_path, 'r', encoding='utf-8') as f:
     data = f.read()
@@ -44,8 +54,8 @@ train_ids = np.array([stoi[c] for c in train_data], dtype=np.uint16)
 val_ids = np.array([stoi[c] for c in val_data], dtype=np.uint16)
 print(f"train has {len(train_ids):,} tokens")
 print(f"val has {len(val_ids):,} tokens")
-train_ids.tofile(os.path.join(here, 'train.bin'))
-val_ids.tofile(os.path.join(here, 'val.bin'))
 
-with open(os.path.join(here, 'meta.pkl'), 'wb') as f:
-    pickle.dump({'vocab_size': vocab_size, 'itos': itos, 'stoi': stoi}, f)
+with DatasetFiles(here) as dataset:  # the three together, or the old three untouched
+    dataset.write_ids('train.bin', train_ids)
+    dataset.write_ids('val.bin', val_ids)
+    dataset.write_pickle('meta.pkl', {'vocab_size': vocab_size, 'itos': itos, 'stoi': stoi})
