@@ -41,6 +41,9 @@ profile = False  # use pytorch profiler, or just simple benchmarking?
 max_new_tokens = 500  # sample mode: tokens generated after a one-token prompt
 top_k = 200  # sample mode
 sample_rounds = 5  # sample mode: cached and Hugging Face runs, alternating (the uncached loop runs once)
+energy_toggles = False  # instead: joules per token of this mode's step with flash_attn and alibi on and off (energy.py)
+energy_rounds = 5  # rounds of the toggles, alternating
+energy_seconds = 2.0  # each run's least duration per round, so that the counter moves
 exec(open('configurator.py').read())  # overrides from command line or config file
 for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size', 'max_new_tokens', 'sample_rounds'):
     check(k, lambda v: v >= 1, 'an integer >= 1')
@@ -192,7 +195,49 @@ def time_training():
     print(f"time per iteration: {dt / num_steps * 1000:.2f} ms, {batch_size * block_size * num_steps / dt:,.0f} tokens/s{mfu}")
 
 
-if mode == 'sample':
+def compare_toggles_energy():
+    """The table the fork was built for: millijoules per token of this mode's step (a training step, or generating
+    max_new_tokens) for flash_attn and alibi on and off, the four runs alternating, median and spread."""
+    import energy
+    meter = energy.start(device, verbose=False)
+    if not meter.measured:
+        fail(f"energy_toggles=True, but energy is not measured here: {meter.what}")
+    print(f"energy: {meter.what}")
+    runs = {}
+    for flash, alibi_on in ((True, False), (False, False), (True, True), (False, True)):
+        torch.manual_seed(seed)
+        m = GPT(GPTConfig(**{**gptconf.__dict__, 'flash_attn': flash, 'alibi': alibi_on})).to(device)
+        x = torch.randint(vocab_size, (batch_size, block_size if mode == 'train' else 1), device=device)
+        if mode == 'train':
+            opt = m.configure_optimizers(1e-2, 1e-4, (0.9, 0.95), device_type)
+            scaler = runtime.grad_scaler(plan)
+            fwd = torch.compile(m) if compile else m
+
+            def step(fwd=fwd, opt=opt, scaler=scaler, x=x):
+                with ctx:
+                    _, loss = fwd(x, x, chunked_loss=plan.chunked_loss)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            tokens = batch_size * block_size
+        else:
+            m.eval()
+
+            def step(m=m, x=x):
+                with torch.inference_mode(), ctx:
+                    m.generate(x, max_new_tokens, top_k=top_k)
+            tokens = batch_size * max_new_tokens
+        step()  # warm up (and compile)
+        runs[f"flash_attn={flash} alibi={alibi_on}"] = (step, tokens)
+    print(f"{mode}: {n_layer} layers, {n_head} heads, {n_embd} wide, block_size {block_size}, batch {batch_size}, "
+          f"{device} ({runtime.device_name(device)}), {plan.dtype}; mJ per token, median (min-max) of {energy_rounds}")
+    energy.compare(meter, runs, energy_rounds, energy_seconds, sync)
+
+
+if energy_toggles:
+    compare_toggles_energy()
+elif mode == 'sample':
     time_sampling()
 else:
     time_training()

@@ -27,6 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
+import energy
 import runtime
 import runs
 from model import GPTConfig, GPT, GPT2_VOCAB_SIZE, fit_pretrained_embeddings
@@ -90,6 +91,7 @@ device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda',
 dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32; or one of those (see runtime.py)
 compile = True  # torch.compile the model: slower start, faster steps
 chunked_loss = None  # the loss a few rows at a time, never all logits (loss.py); None: on a CPU, where it is faster
+measure_energy = True  # joules per log line, evaluation and run where the machine can tell (NVML, RAPL): energy.py
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
 exec(open('configurator.py').read())  # overrides from the command line or a config file
@@ -401,6 +403,8 @@ if master_process:
     except (OSError, ValueError) as e:
         fail(e)
 stop = runs.StopRequest(ddp, device)  # SIGTERM, SIGINT, SIGHUP, or torchrun gone: save at the iteration's end
+meter = energy.start(device, enabled=measure_energy, ddp=ddp, verbose=master_process, tokens_per_step=tokens_per_iter,
+                     step=iter_num)
 t0 = time.time()
 local_iter_num = 0  # iterations in this process's lifetime
 running_mfu = None  # shown once measured, past the first iterations
@@ -412,21 +416,26 @@ while True:
 
     # evaluate, and save a checkpoint, every eval_interval iterations and at the end
     if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
-        losses = estimate_loss()
+        with meter.during('eval'):
+            losses = estimate_loss()
+        eval_energy = meter.span('eval', tokens=2 * eval_iters * batch_size * eval_block_size)  # summed over processes
         if master_process:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({'step': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'lr': lr})
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{energy.text(eval_energy)}")
+            log({'step': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'lr': lr,
+                 **energy.fields(eval_energy)})
         stop_on_nonfinite('val loss', losses['val'])
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and iter_num != checkpoint_iter and not eval_only:
-                save_checkpoint()
+                with meter.during('other'):
+                    save_checkpoint()
                 checkpoint_iter = iter_num
         t0 = time.time()  # the iteration's time excludes the evaluation
     if hellaswag_examples and (iter_num % hellaswag_interval == 0 or iter_num >= max_iters or eval_only):
         # every process scores its share of the items (rows per forward as in training), then the counts are summed
-        counts = torch.tensor(evaluate_hellaswag(raw_model, hellaswag_examples, device, max(1, batch_size // 4), ctx,
-                                                 ddp_rank, ddp_world_size), device=device)
+        with meter.during('other'):
+            counts = torch.tensor(evaluate_hellaswag(raw_model, hellaswag_examples, device, max(1, batch_size // 4), ctx,
+                                                     ddp_rank, ddp_world_size), device=device)
         if ddp:
             torch.distributed.all_reduce(counts)
         num_correct, num_correct_norm, num_total = counts.tolist()
@@ -462,6 +471,7 @@ while True:
     t1 = time.time()
     dt = t1 - t0
     t0 = t1
+    train_energy = meter.span('train', step=iter_num + 1) if iter_num % log_interval == 0 else None  # every process
     if iter_num % log_interval == 0 and master_process:
         # the loss of the last micro-batch; .item() waits for the GPU, so only every log_interval
         lossf = loss.item() * gradient_accumulation_steps
@@ -471,9 +481,10 @@ while True:
             running_mfu = mfu if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu
         tokens_per_sec = tokens_per_iter / dt
         mfu_text = f", mfu {running_mfu * 100:.2f}%" if running_mfu is not None else ''
-        print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms{mfu_text}, {tokens_per_sec:.0f} tok/s")
+        print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms{mfu_text}, {tokens_per_sec:.0f} tok/s"
+              f"{energy.text(train_energy)}")
         log({'iter': iter_num, 'loss': lossf, 'time_ms': dt * 1000, 'mfu': running_mfu,
-             'tokens_per_sec': tokens_per_sec, 'lr': lr})
+             'tokens_per_sec': tokens_per_sec, 'lr': lr, **energy.fields(train_energy)})
     iter_num += 1
     local_iter_num += 1
 
@@ -484,6 +495,10 @@ while True:
             torch.distributed.barrier()
         fail(f"stopped by {why} at iter {iter_num}: saved {ckpt_path}; resume with --init_from=resume")
 
+run_energy = meter.finish(step=iter_num)  # every process: the run's totals, in the last record
+if master_process and run_energy:
+    print(energy.summary(run_energy))
+    log({'step': iter_num, **run_energy})
 if ddp:
     torch.distributed.barrier()  # the others wait while the first one writes: leaving early can abort gloo's threads
     destroy_process_group()
