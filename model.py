@@ -232,10 +232,11 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
         """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or a local directory in
-        Hugging Face format, through transformers. Only dropout may be overridden."""
+        Hugging Face format, through transformers. Only dropout and flash_attn may be overridden."""
         override_args = override_args or {}
-        if set(override_args) - {'dropout'}:
-            raise ValueError(f"from_pretrained can only override 'dropout', not {sorted(set(override_args) - {'dropout'})}")
+        if set(override_args) - {'dropout', 'flash_attn'}:
+            raise ValueError(f"from_pretrained can only override 'dropout' and 'flash_attn', not "
+                             f"{sorted(set(override_args) - {'dropout', 'flash_attn'})}")
         import transformers
         hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
         c = hf_model.config
@@ -243,7 +244,8 @@ class GPT(nn.Module):
         if gelu is None:
             raise ValueError(f"{name_or_path} has activation_function='{c.activation_function}': not 'gelu_new' or 'gelu'")
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                           n_embd=c.n_embd, bias=True, gelu=gelu, dropout=override_args.get('dropout', 0.0))
+                           n_embd=c.n_embd, bias=True, gelu=gelu, dropout=override_args.get('dropout', 0.0),
+                           flash_attn=override_args.get('flash_attn', True))
         print(f"loading weights from pretrained gpt: {name_or_path} "
               f"(n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd})")
         model = cls(config)

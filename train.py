@@ -187,16 +187,13 @@ elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     if alibi:
         fail(f"alibi=True cannot start from {init_from}, whose weights use learned positions: set alibi=False")
     try:
-        model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        model = GPT.from_pretrained(init_from, dict(dropout=dropout, flash_attn=plan.flash_attn))
     except (OSError, ValueError) as e:
         fail(f"cannot load {init_from}: {str(e).splitlines()[0]}")
     if block_size > model.config.block_size:
         fail(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: "
              f"use --block_size={model.config.block_size} or less")
     model.crop_block_size(block_size)
-    model.config.flash_attn = plan.flash_attn
-    for block in model.transformer.h:
-        block.attn.flash_attn = plan.flash_attn
 else:
     fail(f"init_from='{init_from}' is not 'scratch', 'resume', a 'gpt2*' model name or a Hugging Face GPT-2 directory")
 model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}  # saved in checkpoints
@@ -351,7 +348,7 @@ def log(record):
         wandb.log(record)
 
 
-def kept_checkpoint():
+def kept_checkpoint():  # what is on disk when a run stops early
     return f"{ckpt_path} still holds iter {checkpoint_iter}" if checkpoint_iter is not None else "no checkpoint was written"
 
 
@@ -367,16 +364,8 @@ def save_checkpoint():
     model_state, optimizer_state = full_state_dicts(raw_model, optimizer) if fsdp else (raw_model.state_dict(), optimizer.state_dict())
     if not master_process:
         return
-    checkpoint = {
-        'model': model_state,
-        'optimizer': optimizer_state,
-        'scaler': scaler.state_dict(),
-        'model_args': model_args,
-        'iter_num': iter_num,
-        'best_val_loss': best_val_loss,
-        'config': config,
-        'data': data_record,
-    }
+    checkpoint = dict(model=model_state, optimizer=optimizer_state, scaler=scaler.state_dict(), model_args=model_args,
+                      iter_num=iter_num, best_val_loss=best_val_loss, config=config, data=data_record)
     print(f"saving checkpoint to {out_dir}")
     try:
         write_checkpoint(checkpoint, ckpt_path)
