@@ -144,13 +144,10 @@ def batches():
     return get_batch
 
 
-def time_training():
-    """ms per training step, tokens/s and MFU; or, with profile, a torch.profiler trace of a few steps."""
-    get_batch = batches()
+def training_step(model):
+    """A function of (X, Y) that runs one training step of model (forward, backward, AdamW) and returns the loss."""
     optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=device_type)
     scaler = runtime.grad_scaler(plan)
-    if compile:
-        print("Compiling model...")
     step_model = torch.compile(model) if compile else model
 
     def train_step(X, Y):
@@ -161,6 +158,15 @@ def time_training():
         scaler.step(optimizer)
         scaler.update()
         return loss.item()
+    return train_step
+
+
+def time_training():
+    """ms per training step, tokens/s and MFU; or, with profile, a torch.profiler trace of a few steps."""
+    get_batch = batches()
+    if compile:
+        print("Compiling model...")
+    train_step = training_step(model)
 
     if profile:
         # torch.profiler over a few steps: wait, warm up, record; the trace opens in chrome://tracing or Perfetto
@@ -209,17 +215,7 @@ def compare_toggles_energy():
         m = GPT(GPTConfig(**{**gptconf.__dict__, 'flash_attn': flash, 'alibi': alibi_on})).to(device)
         x = torch.randint(vocab_size, (batch_size, block_size if mode == 'train' else 1), device=device)
         if mode == 'train':
-            opt = m.configure_optimizers(1e-2, 1e-4, (0.9, 0.95), device_type)
-            scaler = runtime.grad_scaler(plan)
-            fwd = torch.compile(m) if compile else m
-
-            def step(fwd=fwd, opt=opt, scaler=scaler, x=x):
-                with ctx:
-                    _, loss = fwd(x, x, chunked_loss=plan.chunked_loss)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+            step = lambda train_step=training_step(m), x=x: train_step(x, x)
             tokens = batch_size * block_size
         else:
             m.eval()
