@@ -128,7 +128,7 @@ def batches():
     try:
         train_data = open_bin(path, block_size + 1)
     except ValueError as e:
-        fail(f"{e} (or pass --real_data=False)")
+        fail(f"{e}, or pass --real_data=False")
 
     def get_batch():
         ix = torch.randint(len(train_data) - block_size, (batch_size,))
@@ -137,7 +137,7 @@ def batches():
         try:
             check_token_ids(max(x.max(), y.max()).item(), vocab_size, path)
         except ValueError as e:
-            fail(f"{e} (pass the dataset's --vocab_size)")
+            fail(f"{e}; or pass the dataset's --vocab_size")
         if plan.pin_memory:
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)

@@ -12,7 +12,6 @@ lines you name yourself. Needs matplotlib (pip install matplotlib).
 import json
 import math
 import os
-import sys
 
 # -----------------------------------------------------------------------------
 out_dirs = 'out'  # comma-separated out_dirs (or log.jsonl files), one curve each
@@ -45,11 +44,10 @@ for k in ('gpt2_hellaswag', 'gpt2_val_loss'):
 check('reference', lambda v: parse_lines(v) is not None, "'name=value' (comma-separated for several), e.g. 'GPT-3 124M=0.337'")
 check('loss_reference', lambda v: parse_lines(v) is not None, "'name=value' (comma-separated for several), e.g. 'llm.c 10B=3.28'")
 # -----------------------------------------------------------------------------
-prog = 'plot.py'
 try:
     import matplotlib
 except ImportError:
-    sys.exit(f"{prog}: needs matplotlib: pip install matplotlib")
+    fail(f"needs matplotlib: pip install matplotlib")
 matplotlib.use('Agg')  # write files, no display needed
 import matplotlib.pyplot as plt
 
@@ -60,7 +58,7 @@ for path in out_dirs.split(','):
     name = os.path.basename(log_path)
     label = os.path.basename(os.path.dirname(os.path.abspath(log_path))) if name == 'log.jsonl' else os.path.splitext(name)[0]
     if not os.path.isfile(log_path):
-        sys.exit(f"{prog}: no {log_path}: train with train.py first (it writes log.jsonl in its out_dir)")
+        fail(f"no {log_path}: train with train.py first (it writes log.jsonl in its out_dir)")
     iters, evals, hellaswag = {}, {}, {}  # by step: a resumed run repeats the steps after its last checkpoint, the later records win
     with open(log_path) as f:
         for line in f:
@@ -77,7 +75,7 @@ for path in out_dirs.split(','):
             elif 'hellaswag_acc_norm' in record:
                 hellaswag[record['step']] = record['hellaswag_acc_norm']
     if not iters and not evals:
-        sys.exit(f"{prog}: {log_path} has no iteration or evaluation records")
+        fail(f"{log_path} has no iteration or evaluation records")
     runs.append((label, sorted(iters.items()), sorted(evals.items()), sorted(hellaswag.items())))
 
 with_hellaswag = any(run[3] for run in runs)

@@ -85,9 +85,7 @@ print("step 8: train loss 3.0000, val loss 3.5000")
 def test_bench_train_compares_ours_float32_and_nanogpt(tmp_path):
     """One quick-start run of each kind at a few iterations (a tiny stand-in for nanoGPT's train.py, which
     prints iter and step lines as it does): the summary names the CPU, each kind's median and the ratios."""
-    copy_repo(tmp_path)
-    shutil.copytree(os.path.join(ROOT, 'config'), tmp_path / 'config')
-    os.makedirs(tmp_path / 'data' / 'shakespeare_char')
+    copy_repo(tmp_path)  # data/shakespeare_char/ comes with its prepare.py
     for split in ('train', 'val'):
         np.random.randint(0, 65, 3000).astype(np.uint16).tofile(tmp_path / 'data' / 'shakespeare_char' / f'{split}.bin')
     with open(tmp_path / 'data' / 'shakespeare_char' / 'meta.pkl', 'wb') as f:
@@ -111,8 +109,7 @@ def test_bench_train_compares_ours_float32_and_nanogpt(tmp_path):
 
 
 def test_bench_train_without_data_is_a_one_line_error(tmp_path):
-    shutil.copy(os.path.join(ROOT, 'bench_train.py'), tmp_path)
-    shutil.copy(os.path.join(ROOT, 'configurator.py'), tmp_path)
+    copy_repo(tmp_path)
     result = subprocess.run([sys.executable, 'bench_train.py', '--shapes=gpt2'], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.strip() == (
         "bench_train.py: no data/text/train.bin for the gpt2 shape: run python data/text/prepare.py first (see --help)")
@@ -138,7 +135,7 @@ def test_bad_settings_get_a_one_line_error(workdir, monkeypatch, args, fragment)
 
 @pytest.mark.parametrize('tokens, fragment', [
     pytest.param(bytes(2001), 'data/tiny/train.bin has an odd number of bytes', id='odd size'),
-    pytest.param(np.full(100, 65, np.uint16).tobytes(), 'data/tiny/train.bin holds token id 65, past vocab_size 65',
+    pytest.param(np.full(100, 65, np.uint16).tobytes(), "data/tiny/train.bin holds token id 65, past the model's vocab_size 65",
                  id='ids past the vocabulary'),
 ])
 def test_bad_data_files_get_a_one_line_error(workdir, monkeypatch, tokens, fragment):

@@ -286,7 +286,7 @@ def test_embeddings_from_a_trained_model_beat_random_ones(tmp_path, one_thread):
     emb = torch.load(tmp_path / 'pretrained_embeddings.pt', weights_only=True)  # as train.py reads it
     for n_embd in (32, 48):  # the same width, and a wider model through the fixed projection
         torch.manual_seed(2)
-        pretrained = GPT(config(n_embd), embedding_matrix=fit_pretrained_embeddings(emb, n_embd))
+        pretrained = GPT(config(n_embd), pretrained_embeddings=fit_pretrained_embeddings(emb, n_embd))
         torch.manual_seed(2)
         scratch = GPT(config(n_embd))
         train(pretrained, seed=2, steps=40, lr=1e-3)
