@@ -16,7 +16,7 @@ import tempfile
 
 import torch
 
-from files import load_checkpoint, load_meta, os_error_text
+from files import load_checkpoint, load_meta, os_error_text, same_vocabulary
 from model import CONV1D_WEIGHTS, GPT2_VOCAB_SIZE
 
 # -----------------------------------------------------------------------------
@@ -84,6 +84,15 @@ def write_gpt2_tokenizer(directory, model_max_length):
 
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 parent = os.path.dirname(os.path.abspath(hf_dir))
+# a killed export's leftovers go first: an -old folder put back is then the hf_dir that --overwrite decides about
+prefix = os.path.join(parent, os.path.basename(os.path.abspath(hf_dir)) + '.tmp-')
+for leftover in sorted(glob.glob(glob.escape(prefix) + '*')):
+    if leftover.endswith('-old') and not os.path.exists(hf_dir):  # stopped between its two renames: the old one back
+        os.rename(leftover, hf_dir)
+        print(f"put {leftover} back as {hf_dir} (an export was stopped while replacing it)")
+        continue
+    shutil.rmtree(leftover, ignore_errors=True)
+    print(f"removed {leftover} (left by an export that was stopped)")
 if os.path.exists(hf_dir) and not overwrite:
     fail(f"{hf_dir} already exists: pass --overwrite=True to replace it, or another --hf_dir")
 if os.path.exists(hf_dir) and not os.path.isfile(os.path.join(hf_dir, 'config.json')):
@@ -92,11 +101,17 @@ if os.path.isdir(hf_dir) and (others := sorted(set(os.listdir(hf_dir)) - EXPORT_
     fail(f"{hf_dir} holds files an export does not write ({', '.join(others[:5])}): move them out first, "
          f"or pass another --hf_dir; --overwrite=True replaces only an export's own files")
 try:
+    ancestor = parent
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):  # makedirs would say 'file exists'
+        raise NotADirectoryError(20, 'not a directory')
     os.makedirs(parent, exist_ok=True)
     if not os.access(parent, os.W_OK):
         raise PermissionError(13, 'not writable')
 except OSError as e:
-    fail(f"cannot write {hf_dir}: {os_error_text(e)} ({parent}); pass another --hf_dir")
+    fail(f"cannot write {hf_dir}: {os_error_text(e)} ({ancestor if isinstance(e, NotADirectoryError) else parent}); "
+         f"pass another --hf_dir")
 try:
     model, checkpoint = load_checkpoint(out_dir)
 except ValueError as e:
@@ -108,11 +123,16 @@ if c.alibi:
 dataset = (checkpoint.get('config') or {}).get('dataset')
 meta_path = os.path.join('data', dataset, 'meta.pkl') if dataset else None
 meta = (checkpoint.get('data') or {}).get('meta')  # the vocabulary the checkpoint records, if character-level
+vocab_source = f"the vocabulary recorded in {ckpt_path}"
 if meta_path and os.path.isfile(meta_path):
     try:
-        meta = load_meta(meta_path)  # refuses a meta.pkl that is not plain values
+        found = load_meta(meta_path)  # refuses a meta.pkl that is not plain values
     except ValueError as e:
         fail(e)
+    if meta and not same_vocabulary(found, meta):
+        fail(f"{meta_path} is not the vocabulary {ckpt_path} was trained with (the dataset was re-prepared from other "
+             f"text?): put the run's meta.pkl back, or move it aside to export the recorded one")
+    meta, vocab_source = found, meta_path
 char_level = meta is not None
 if not char_level and c.vocab_size < GPT2_VOCAB_SIZE:
     fail(f"vocab_size={c.vocab_size} is smaller than GPT-2's {GPT2_VOCAB_SIZE} but there is no {meta_path or 'meta.pkl'} "
@@ -140,15 +160,7 @@ for k, v in hf_model.state_dict().items():
         fail(f"{ckpt_path} has no {k}, which GPT-2 needs")
 hf_model.load_state_dict(hf_state, strict=False)
 
-# everything into a temporary directory beside hf_dir, renamed when complete; a killed export's leftovers go first
-prefix = os.path.join(parent, os.path.basename(os.path.abspath(hf_dir)) + '.tmp-')
-for leftover in sorted(glob.glob(glob.escape(prefix) + '*')):
-    if leftover.endswith('-old') and not os.path.exists(hf_dir):  # stopped between its two renames: the old one back
-        os.rename(leftover, hf_dir)
-        print(f"put {leftover} back as {hf_dir} (an export was stopped while replacing it)")
-        continue
-    shutil.rmtree(leftover, ignore_errors=True)
-    print(f"removed {leftover} (left by an export that was stopped)")
+# everything into a temporary directory beside hf_dir, renamed when complete
 tmp_dir = tempfile.mkdtemp(prefix=os.path.basename(prefix), dir=parent)
 os.chmod(tmp_dir, 0o777 & ~current_umask())  # mkdtemp makes it 0700: the export gets the user's usual permissions
 try:
@@ -158,6 +170,8 @@ try:
             pickle.dump(meta, f)
     else:
         write_gpt2_tokenizer(tmp_dir, c.block_size)
+    for name in os.listdir(tmp_dir):  # save_pretrained may write some files 0600: as the umask says instead
+        os.chmod(os.path.join(tmp_dir, name), 0o666 & ~current_umask())
     if os.path.exists(hf_dir):  # overwrite=True: the old one goes aside, the new one in, then the old is removed
         old_dir = tmp_dir + '-old'
         os.rename(hf_dir, old_dir)
@@ -165,8 +179,6 @@ try:
         shutil.rmtree(old_dir)
     else:
         os.rename(tmp_dir, hf_dir)
-    for name in os.listdir(hf_dir):  # save_pretrained may write some files 0600: as the umask says instead
-        os.chmod(os.path.join(hf_dir, name), 0o666 & ~current_umask())
 except OSError as e:
     shutil.rmtree(tmp_dir, ignore_errors=True)
     fail(f"cannot write {hf_dir}: {os_error_text(e)}; nothing was changed there")
@@ -176,6 +188,6 @@ except BaseException:
 print(f"wrote {hf_dir}: GPT-2 of {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, block_size {c.block_size}, "
       f"vocab_size {c.vocab_size}{'' if c.bias else ' (bias=False: zero biases)'}")
 if char_level:
-    print(f"the vocabulary is {meta_path} (copied to {hf_dir}/meta.pkl), characters, not a Hugging Face tokenizer")
+    print(f"the vocabulary is {vocab_source} (copied to {hf_dir}/meta.pkl), characters, not a Hugging Face tokenizer")
 else:
     print(f"tokenizer: GPT-2's BPE ({GPT2_VOCAB_SIZE} tokens{'; the model has padded rows past them' if c.vocab_size > GPT2_VOCAB_SIZE else ''})")

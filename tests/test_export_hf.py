@@ -163,8 +163,14 @@ def test_existing_hf_dir_is_kept_unless_overwrite(repo, monkeypatch, capsys):
                                                    '--overwrite=True')
     assert 'hf_dir=' in exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', '--hf_dir=out', '--overwrite=True')
     assert os.listdir(repo / 'other') == ['mine.txt'] and 'mine.txt' in os.listdir(repo / 'hf')
+    # --overwrite=True never deletes what an export did not write: refused, naming the file, nothing changed
+    before = snapshot(repo / 'hf')
+    message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', '--hf_dir=hf', '--overwrite=True')
+    assert 'holds files an export does not write (mine.txt)' in message
+    assert snapshot(repo / 'hf') == before
+    os.remove(repo / 'hf' / 'mine.txt')
     export(repo, monkeypatch, capsys, '--overwrite=True')
-    assert 'mine.txt' not in os.listdir(repo / 'hf') and 'model.safetensors' in os.listdir(repo / 'hf')
+    assert 'model.safetensors' in os.listdir(repo / 'hf')
     assert not [p for p in os.listdir(repo) if '.tmp-' in p]
 
 
@@ -193,3 +199,203 @@ def test_character_level_export_keeps_meta_pkl_as_its_vocabulary(repo, monkeypat
     start = torch.tensor([[meta['stoi'][c] for c in 'hello']])
     expected = ''.join(meta['itos'][i] for i in model.generate(start, 8, temperature=0)[0].tolist())
     assert expected in result.stdout
+
+
+# ----------------------------------------------------------------------------- issue 21: an export loses nothing
+
+def snapshot(directory):
+    """Every file under directory and its bytes."""
+    return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), 'rb').read()
+            for d, _, names in os.walk(directory) for f in names}
+
+
+def char_meta(text="hello world\n"):
+    chars = sorted(set(text))
+    return {'vocab_size': len(chars), 'itos': dict(enumerate(chars)), 'stoi': {c: i for i, c in enumerate(chars)}}
+
+
+def save_char_run(repo, meta, record=True, seed=0):
+    """A character-level ckpt.pt in repo/out whose data record (as train.py writes it) holds meta; no meta.pkl."""
+    from conftest import save_tiny_run
+    model = tiny_model(seed, vocab_size=meta['vocab_size'])
+    path = str(repo / 'out' / 'ckpt.pt')
+    save_tiny_run(path, model, 'tinychars')
+    if record:
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint['data'] = {'dataset': 'tinychars', 'vocab_size': meta['vocab_size'], 'meta': meta}
+        torch.save(checkpoint, path)
+    return model
+
+
+@pytest.fixture
+def tmpfs(repo):
+    """A real 1 MiB file system at repo/disk (root only: skipped where mount is refused)."""
+    disk = repo / 'disk'
+    disk.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(disk)], capture_output=True).returncode:
+        pytest.skip('cannot mount a tmpfs here (needs root)')
+    yield disk
+    subprocess.run(['umount', '-l', str(disk)], check=True)
+
+
+def fill(directory):
+    """Writes directory's file system full; returns the filler's path."""
+    path = os.path.join(directory, 'filler')
+    with open(path, 'wb', buffering=0) as f:
+        try:
+            while True:
+                f.write(b'\0' * 4096)
+                f.flush()
+        except OSError:
+            pass
+    return path
+
+
+def test_overwrite_replaces_an_exports_own_files(repo, monkeypatch, capsys):
+    meta = char_meta()
+    save_char_run(repo, meta, seed=0)
+    export(repo, monkeypatch, capsys)
+    first = snapshot(repo / 'hf')
+    model = save_char_run(repo, meta, seed=1)  # a later checkpoint of the run
+    export(repo, monkeypatch, capsys, '--overwrite=True')
+    second = snapshot(repo / 'hf')
+    assert set(second) == set(first) and second['model.safetensors'] != first['model.safetensors']
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(repo / 'hf').eval()
+    x = ids(16, meta['vocab_size'])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, full_logits(model, x), rtol=1e-5, atol=1e-4)
+    assert sorted(os.listdir(repo)).count('hf') == 1 and not [p for p in os.listdir(repo) if '.tmp-' in p]
+
+
+def test_user_files_in_the_old_export_are_named_and_kept(repo, monkeypatch, capsys):
+    save_char_run(repo, char_meta())
+    export(repo, monkeypatch, capsys)
+    (repo / 'hf' / 'NOTES.md').write_text('my notes')
+    (repo / 'hf' / 'eval').mkdir()
+    (repo / 'hf' / 'eval' / 'scores.json').write_text('{}')
+    before = snapshot(repo / 'hf')
+    message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', '--hf_dir=hf', '--overwrite=True')
+    assert 'NOTES.md' in message and 'eval' in message and 'move them out first' in message
+    assert snapshot(repo / 'hf') == before and not [p for p in os.listdir(repo) if '.tmp-' in p]
+
+
+def test_a_killed_exports_leftovers_are_removed_by_the_next(repo, monkeypatch, capsys):
+    meta = char_meta()
+    save_char_run(repo, meta)
+    # as an export killed while writing leaves it, and one killed after its first rename (hf moved aside)
+    export(repo, monkeypatch, capsys, '--hf_dir=hf.tmp-k1ll3d-old')
+    old = snapshot(repo / 'hf.tmp-k1ll3d-old')
+    (repo / 'hf.tmp-a8x2q1').mkdir()
+    (repo / 'hf.tmp-a8x2q1' / 'model.safetensors').write_bytes(b'half a file')
+    # hf is missing: the -old one is the user's previous export, put back, and refused as hf exists without overwrite
+    message = exit_message_allowing_changes(monkeypatch, repo, 'export_hf.py', '--out_dir=out', '--hf_dir=hf')
+    assert 'already exists' in message and '--overwrite=True' in message
+    assert snapshot(repo / 'hf') == old
+    assert sorted(p for p in os.listdir(repo) if p.startswith('hf')) == ['hf']
+    # leftovers beside an existing hf are removed, the export done
+    (repo / 'hf.tmp-zz9').mkdir()
+    (repo / 'hf.tmp-zz9-old').mkdir()
+    out = export(repo, monkeypatch, capsys, '--overwrite=True')
+    assert 'removed' in out and 'hf.tmp-zz9' in out
+    assert sorted(p for p in os.listdir(repo) if p.startswith('hf')) == ['hf']
+
+
+def exit_message_allowing_changes(monkeypatch, cwd, script, *args):
+    """exit_message (conftest) for a run that may change files under cwd before its one-line exit."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, 'argv', [script, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(script, run_name='__main__')
+    message = exit_info.value.code
+    assert isinstance(message, str) and '\n' not in message and message.startswith(f'{script}: '), message
+    return message
+
+
+def test_kill_9_during_an_export_loses_nothing(repo, monkeypatch, capsys):
+    import signal
+    import time
+    write_checkpoint(str(repo / 'out' / 'ckpt.pt'), tiny_model(vocab_size=50257), 'somebpe')
+    export(repo, monkeypatch, capsys)
+    before = snapshot(repo / 'hf')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.Popen([sys.executable, 'export_hf.py', '--out_dir=out', '--hf_dir=hf', '--overwrite=True'],
+                            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not [p for p in os.listdir(repo) if p.startswith('hf.tmp-')] and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, 'the export ended before its temporary folder could be seen'
+    time.sleep(0.2)  # inside save_pretrained or the tokenizer rebuild
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = [p for p in os.listdir(repo) if p.startswith('hf.tmp-')]
+    assert leftovers and snapshot(repo / 'hf') == before  # the old export is whole
+    out = export(repo, monkeypatch, capsys, '--overwrite=True')
+    assert all(f'removed {os.path.join(str(repo), p)}' in out for p in leftovers), out
+    assert sorted(p for p in os.listdir(repo) if p.startswith('hf')) == ['hf'] and snapshot(repo / 'hf') == before
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o027])
+def test_export_gets_the_users_umask_permissions(repo, monkeypatch, capsys, umask):
+    save_char_run(repo, char_meta())
+    old = os.umask(umask)
+    try:
+        export(repo, monkeypatch, capsys)
+    finally:
+        os.umask(old)
+    assert os.stat(repo / 'hf').st_mode & 0o777 == 0o777 & ~umask
+    names = os.listdir(repo / 'hf')
+    assert 'model.safetensors' in names and 'meta.pkl' in names
+    for name in names:
+        assert os.stat(repo / 'hf' / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_a_full_disk_is_one_line_and_changes_nothing(repo, tmpfs, monkeypatch, capsys):
+    save_char_run(repo, char_meta())
+    export(repo, monkeypatch, capsys, f'--hf_dir={tmpfs}/hf')
+    fill(tmpfs)
+    before = snapshot(tmpfs)
+    save_char_run(repo, char_meta(), seed=1)
+    message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', f'--hf_dir={tmpfs}/hf', '--overwrite=True')
+    assert f'cannot write {tmpfs}/hf: no space left on device' in message and 'nothing was changed' in message
+    assert snapshot(tmpfs) == before and sorted(os.listdir(tmpfs)) == ['filler', 'hf']
+    # a new export onto the full disk: no half directory left either
+    message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', f'--hf_dir={tmpfs}/hf2')
+    assert 'no space left on device' in message and sorted(os.listdir(tmpfs)) == ['filler', 'hf']
+
+
+def test_hf_dir_under_a_file_is_one_line(repo, monkeypatch):
+    save_char_run(repo, char_meta())
+    (repo / 'afile').write_text('not a folder')
+    for hf_dir in ('afile/hf', 'afile/sub/hf'):
+        message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', f'--hf_dir={hf_dir}')
+        assert f'cannot write {hf_dir}' in message and 'not a directory' in message, message
+    assert (repo / 'afile').read_text() == 'not a folder'
+
+
+def test_character_level_export_without_meta_pkl_uses_the_checkpoints_vocabulary(repo, monkeypatch, capsys):
+    meta = char_meta()
+    save_char_run(repo, meta)
+    assert not (repo / 'data' / 'tinychars' / 'meta.pkl').exists()
+    out = export(repo, monkeypatch, capsys)
+    with open(repo / 'hf' / 'meta.pkl', 'rb') as f:
+        assert pickle.load(f) == meta
+    assert 'recorded in out/ckpt.pt' in out and 'data/tinychars/meta.pkl' not in out, out
+    assert not (repo / 'hf' / 'vocab.json').exists()
+
+
+def test_character_level_export_without_any_vocabulary_is_refused(repo, monkeypatch):
+    save_char_run(repo, char_meta(), record=False)
+    message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', '--hf_dir=hf')
+    assert 'vocab_size=9 is smaller than GPT-2' in message and 'data/tinychars/meta.pkl' in message
+
+
+def test_a_meta_pkl_other_than_the_recorded_vocabulary_is_refused(repo, monkeypatch):
+    meta = char_meta()
+    save_char_run(repo, meta)
+    os.makedirs(repo / 'data' / 'tinychars')
+    with open(repo / 'data' / 'tinychars' / 'meta.pkl', 'wb') as f:
+        pickle.dump(char_meta('olleh dlrow?\n'), f)  # re-prepared from another text
+    message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', '--hf_dir=hf')
+    assert 'data/tinychars/meta.pkl is not the vocabulary out/ckpt.pt was trained with' in message
