@@ -358,3 +358,62 @@ def test_samples_a_local_hugging_face_gpt2(workdir):
     assert result.returncode == 0, result.stderr
     assert 'loading weights from pretrained gpt: my-gpt2' in result.stdout
     assert samples(result.stdout) == [expected]
+
+
+# ----------------------------------------------------------------------------- issue 21: prompts and vocabularies
+
+def record_vocabulary(path, meta):
+    """Adds the data record train.py writes (the dataset, its vocabulary size and meta.pkl) to the checkpoint."""
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint['data'] = {'dataset': 'tinychars', 'vocab_size': meta['vocab_size'], 'meta': meta}
+    torch.save(checkpoint, path)
+
+
+def test_a_latin_1_prompt_file_is_one_line_naming_it(char_workdir):
+    cwd, _ = char_workdir
+    (cwd / 'latin.txt').write_bytes('hello café'.encode('latin-1'))
+    assert_one_line_error(run_sample(cwd, '--out_dir=out', '--start=FILE:latin.txt'),
+                          'the prompt file latin.txt is not UTF-8 text', 'iconv -f latin1 -t utf-8 latin.txt')
+
+
+def test_missing_meta_pkl_decodes_with_the_recorded_vocabulary(char_workdir):
+    cwd, model = char_workdir
+    record_vocabulary(str(cwd / 'out' / 'ckpt.pt'), char_meta())
+    os.remove(cwd / 'data' / 'tinychars' / 'meta.pkl')
+    result = run_sample(cwd, '--out_dir=out', '--start=hello', '--top_k=1', '--num_samples=2', '--max_new_tokens=12')
+    assert result.returncode == 0, result.stderr
+    note = 'data/tinychars/meta.pkl is missing: decoding with the vocabulary recorded in the checkpoint\n'
+    assert note in result.stdout and 'GPT-2' not in result.stdout
+    body = result.stdout[result.stdout.index(note) + len(note):]
+    assert body.split('\n---------------\n')[:-1] == greedy_text(model, 'hello', 12, 2)
+
+
+def test_missing_meta_pkl_and_no_recorded_vocabulary_is_refused(char_workdir):
+    cwd, _ = char_workdir  # an older checkpoint: no data record
+    os.remove(cwd / 'data' / 'tinychars' / 'meta.pkl')
+    result = run_sample(cwd, '--out_dir=out', '--start=hello', '--max_new_tokens=2')
+    assert_one_line_error(result, f'vocabulary of {len(CHARS)} tokens, not GPT-2', 'no data/tinychars/meta.pkl')
+    assert result.stdout.count('---------------') == 0
+
+
+def test_a_meta_pkl_other_than_the_recorded_one_is_refused(char_workdir):
+    cwd, _ = char_workdir
+    record_vocabulary(str(cwd / 'out' / 'ckpt.pt'), char_meta())
+    other = sorted(set("HELLO WORLD, THE QUICK BROWN FOX!\n"))  # re-prepared from another text, the same size
+    assert len(other) == len(CHARS)
+    with open(cwd / 'data' / 'tinychars' / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': len(other), 'itos': dict(enumerate(other)), 'stoi': {c: i for i, c in enumerate(other)}}, f)
+    assert_one_line_error(run_sample(cwd, '--out_dir=out', '--start=HELLO', '--max_new_tokens=2'),
+                          'data/tinychars/meta.pkl is not the vocabulary out/ckpt.pt was trained with')
+    with open(cwd / 'data' / 'tinychars' / 'meta.pkl', 'wb') as f:  # another size too
+        pickle.dump({'vocab_size': 3, 'itos': {0: 'a', 1: 'b', 2: 'c'}, 'stoi': {'a': 0, 'b': 1, 'c': 2}}, f)
+    assert_one_line_error(run_sample(cwd, '--out_dir=out', '--start=abc', '--max_new_tokens=2'),
+                          'data/tinychars/meta.pkl is not the vocabulary')
+
+
+def test_the_same_meta_pkl_as_recorded_samples(char_workdir):
+    cwd, model = char_workdir
+    record_vocabulary(str(cwd / 'out' / 'ckpt.pt'), char_meta())
+    result = run_sample(cwd, '--out_dir=out', '--start=hello', '--top_k=1', '--num_samples=1', '--max_new_tokens=6')
+    assert result.returncode == 0, result.stderr
+    assert samples(result.stdout) == greedy_text(model, 'hello', 6, 1)
