@@ -38,6 +38,11 @@ except ValueError as e:
 device, ctx = plan.device, plan.ctx
 if json_out:  # checked before the work, not after it
     try:
+        ancestor = os.path.dirname(os.path.abspath(json_out))
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):  # under a regular file: makedirs would say only 'file exists'
+            raise NotADirectoryError(20, f'not a directory ({ancestor} is a file)')
         os.makedirs(os.path.dirname(json_out) or '.', exist_ok=True)
         if os.path.isdir(json_out) or not os.access(os.path.dirname(json_out) or '.', os.W_OK):
             raise PermissionError(13, 'a folder' if os.path.isdir(json_out) else 'not writable')

@@ -78,7 +78,8 @@ def test_learned_positions_stop_at_block_size(project):
 def test_bad_input_is_one_line(project):
     proc = run(project, '--out_dir=out-none')
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
-    assert proc.stderr.strip().splitlines() == ['eval_length.py: no out-none/ckpt.pt: train a model first (python train.py --out_dir=out-none ...)']
+    assert proc.stderr.strip().splitlines() == ["eval_length.py: no checkpoint out-none/ckpt.pt: train one first (python train.py --out_dir=out-none ...), "
+                                              "or pass --out_dir=<the run's directory>"]
 
 
 @pytest.mark.parametrize('args, fragment', [
@@ -98,3 +99,60 @@ def test_bad_settings_and_data_files_get_a_one_line_error(project, monkeypatch, 
         (project / 'data' / name / 'val.bin').write_bytes(data)
     message = exit_message(monkeypatch, project, os.path.join(ROOT, 'eval_length.py'), '--device=cpu', '--out_dir=out-alibi', *args)
     assert fragment in message
+
+
+# ----------------------------------------------------------------------------- issue 21: json_out checked first, written whole
+
+@pytest.fixture
+def disk(tmp_path):
+    """A real 1 MiB tmpfs at tmp_path/disk (root only: skipped where mount is refused), unmounted after."""
+    path = tmp_path / 'disk'
+    path.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(path)], capture_output=True).returncode:
+        pytest.skip('cannot mount a tmpfs here (needs root)')
+    yield path
+    subprocess.run(['umount', '-l', str(path)], check=True)
+
+
+def test_unwritable_json_out_is_refused_before_evaluating(project, tmp_path, disk, monkeypatch, capsys):
+    (tmp_path / 'afile').write_text('a file')
+    (tmp_path / 'afolder').mkdir()
+    (disk / 'old.json').write_text('{"old": 1}')
+    subprocess.run(['mount', '-o', 'remount,ro', str(disk)], check=True)
+    cases = [(tmp_path / 'afolder', 'a folder'), (tmp_path / 'afile' / 'x.json', 'not a directory'),
+             (tmp_path / 'afile' / 'sub' / 'x.json', 'not a directory'), (disk / 'new.json', 'not writable'),
+             (disk / 'old.json', 'not writable')]
+    for path, cause in cases:
+        capsys.readouterr()
+        message = exit_message(monkeypatch, project, os.path.join(ROOT, 'eval_length.py'), '--device=cpu',
+                               '--out_dir=out-alibi', f'--json_out={path}')
+        assert message.startswith(f'eval_length.py: cannot write json_out={path}: {cause}'), message
+        assert 'val loss' not in capsys.readouterr().out  # nothing was evaluated
+    assert (tmp_path / 'afile').read_text() == 'a file' and os.listdir(tmp_path / 'afolder') == []
+    assert os.listdir(disk) == ['old.json'] and (disk / 'old.json').read_text() == '{"old": 1}'
+
+
+def test_json_out_is_replaced_whole(project, tmp_path):
+    path = tmp_path / 'length.json'
+    path.write_text('{"old": 1}')
+    inode = os.stat(path).st_ino
+    proc = run(project, '--out_dir=out-alibi', '--lengths=8,16', '--num_tokens=256', f'--json_out={path}')
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(path.read_text())
+    assert [r['length'] for r in summary['results']] == [8, 16] and summary['tokens'] == 256
+    assert os.stat(path).st_ino != inode and os.listdir(tmp_path) == ['length.json']  # renamed over, no .tmp
+
+
+def test_json_out_on_a_full_disk_keeps_the_old_file(project, disk):
+    (disk / 'length.json').write_text('{"old": 1}')
+    with open(disk / 'filler', 'wb', buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(4096))
+        except OSError:
+            pass
+    proc = run(project, '--out_dir=out-alibi', '--lengths=8,16', '--num_tokens=256', f'--json_out={disk}/length.json')
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f'eval_length.py: cannot write json_out={disk}/length.json: '
+                                                f'no space left on device']
+    assert sorted(os.listdir(disk)) == ['filler', 'length.json'] and (disk / 'length.json').read_text() == '{"old": 1}'
