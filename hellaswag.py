@@ -9,6 +9,7 @@ train.py imports examples_for_training and evaluate_hellaswag to score its model
 """
 import json
 import os
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -145,6 +146,9 @@ if __name__ == '__main__':  # (train.py imports the functions above)
     batch_size = 4  # items per forward pass, 4 candidates each
     device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32 (which --dtype=float32 forces)
+    if any(arg.startswith('--file=') for arg in sys.argv[1:]):  # the setting's name before it became train.py's
+        from configurator import fail
+        fail("--file is now --hellaswag_file (as in train.py): pass --hellaswag_file=path/to/hellaswag_val.jsonl")
     exec(open('configurator.py').read())
     check('batch_size', lambda v: v >= 1, 'an integer >= 1')
     check('limit', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: all items)')

@@ -243,3 +243,76 @@ def test_train_refuses_hellaswag_for_a_character_level_model(items_file, tmp_pat
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith('train.py: hellaswag_interval=2') and 'vocab_size >= 50257' in last and 'has 65' in last
     assert not (repo / 'out' / 'ckpt.pt').exists()
+
+
+# ----------------------------------------------------------------------------- issue 21: items checked, files named
+
+def good_item(**changes):
+    item = dict(ctx="A man ties his shoes at the door. he", endings=["runs.", "melts.", "sings.", "sleeps."], label=0)
+    item.update(changes)
+    return item
+
+
+BAD_ITEMS = [
+    (dict(label=7), 'label 0, 1, 2 or 3 (got 7)'),
+    (dict(label=-1), 'label 0, 1, 2 or 3 (got -1)'),
+    (dict(label='4'), "label 0, 1, 2 or 3 (got '4')"),
+    (dict(label=True), 'label 0, 1, 2 or 3 (got True)'),
+    (dict(label=None), 'label 0, 1, 2 or 3 (got None)'),
+    (dict(endings="runs. melts. sings. sleeps."), 'endings must be a list of 4 strings'),
+    (dict(endings=["runs.", "melts.", "sings."]), 'endings must be a list of 4 strings'),
+    (dict(endings=["runs.", "melts.", "sings.", 4]), 'endings must be a list of 4 strings'),
+    (dict(ctx=["A man", "he"]), 'ctx must be a string'),
+]
+
+
+@pytest.mark.parametrize('changes, fragment', BAD_ITEMS)
+def test_bad_items_are_refused_naming_file_and_line(tmp_path, changes, fragment):
+    path = tmp_path / 'items.jsonl'
+    path.write_text(json.dumps(good_item()) + '\n\n' + json.dumps(good_item(**changes)) + '\n')
+    with pytest.raises(ValueError) as e:
+        load_hellaswag(str(path))
+    assert f'{path} line 3' in str(e.value) and fragment in str(e.value) and '\n' not in str(e.value)
+    assert [ex['label'] for ex in load_hellaswag(str(path), limit=1)] == [0]  # the good item before it still loads
+
+
+def test_string_labels_0_to_3_are_items(tmp_path):
+    path = tmp_path / 'items.jsonl'
+    path.write_text(''.join(json.dumps(good_item(label=label)) + '\n' for label in ('3', 2, '0')))
+    assert [ex['label'] for ex in load_hellaswag(str(path))] == [3, 2, 0]
+
+
+@pytest.fixture
+def bpe_repo(tmp_path):
+    """A copy of the scripts with a tiny GPT-2-vocabulary checkpoint in out/."""
+    from conftest import copy_repo, save_tiny_run, tiny_model
+    copy_repo(tmp_path)
+    save_tiny_run(str(tmp_path / 'out' / 'ckpt.pt'), tiny_model(vocab_size=50257), 'somebpe')
+    return tmp_path
+
+
+def test_script_names_a_folder_a_binary_file_and_a_bad_item(bpe_repo, monkeypatch):
+    (bpe_repo / 'items').mkdir()
+    (bpe_repo / 'items.bin').write_bytes(bytes(range(256)) * 4)
+    (bpe_repo / 'bad.jsonl').write_text(json.dumps(good_item()) + '\n' + json.dumps(good_item(label=7)) + '\n')
+    for file, fragment in [('items', 'items is a folder, not a HellaSwag jsonl file (hellaswag_val.jsonl)'),
+                           ('items.bin', 'items.bin is not UTF-8 text: point --hellaswag_file at hellaswag_val.jsonl'),
+                           ('bad.jsonl', 'bad.jsonl line 2: ctx must be a string and label 0, 1, 2 or 3 (got 7)')]:
+        message = exit_message(monkeypatch, bpe_repo, 'hellaswag.py', '--device=cpu', '--dtype=float32',
+                               f'--hellaswag_file={file}')
+        assert message == f'hellaswag.py: {fragment}', message
+    # the setting is train.py's name: the old --file is no setting
+    message = exit_message(monkeypatch, bpe_repo, 'hellaswag.py', '--device=cpu', '--file=items.bin')
+    assert message == 'hellaswag.py: --file is now --hellaswag_file (as in train.py): pass --hellaswag_file=path/to/hellaswag_val.jsonl'
+
+
+def test_training_names_a_folder_a_binary_file_and_a_bad_item(tmp_path):
+    from hellaswag import examples_for_training
+    (tmp_path / 'items').mkdir()
+    (tmp_path / 'items.bin').write_bytes(bytes(range(256)) * 4)
+    (tmp_path / 'bad.jsonl').write_text(json.dumps(good_item(endings='one string')) + '\n')
+    for name, fragment in [('items', 'is a folder'), ('items.bin', 'is not UTF-8 text'),
+                           ('bad.jsonl', 'line 1: endings must be a list of 4 strings')]:
+        with pytest.raises(ValueError) as e:
+            examples_for_training(str(tmp_path / name))
+        assert f'{tmp_path / name}' in str(e.value) and fragment in str(e.value) and '\n' not in str(e.value)
