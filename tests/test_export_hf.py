@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import copy_repo, exit_message
+from conftest import copy_repo, exit_message, save_tiny_run, tiny_model
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,29 +21,6 @@ TEXTS = ["Hello world! It's 3.14 o'clock,   isn't it?\n\n\tTabs\tand  spaces   "
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
-
-
-def tiny_model(seed=0, **kw):
-    """A small random GPT with weights (biases and LayerNorms too) far from their init, so that a wrong
-    transpose, a missing bias or a wrong activation shows in the logits."""
-    args = dict(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=True)
-    args.update(kw)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**args)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3 if p.dim() == 2 else 0.1).add_(1.0 if p.dim() == 1 else 0.0)
-    return model
-
-
-def write_checkpoint(path, model, dataset):
-    c = model.config
-    model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
-                      bias=c.bias, vocab_size=c.vocab_size, dropout=c.dropout, flash_attn=c.flash_attn, alibi=c.alibi,
-                      gelu=c.gelu)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({'model': model.state_dict(), 'optimizer': {}, 'model_args': model_args, 'iter_num': 10,
-                'best_val_loss': 2.0, 'config': {'dataset': dataset}}, path)
 
 
 @pytest.fixture
@@ -79,7 +56,7 @@ def full_logits(model, x):
 def test_bpe_export_gives_our_logits_in_transformers(repo, monkeypatch, capsys, bias, gelu):
     from transformers import AutoModelForCausalLM
     model = tiny_model(bias=bias, gelu=gelu)
-    write_checkpoint(str(repo / 'out' / 'ckpt.pt'), model, 'somebpe')
+    save_tiny_run(str(repo / 'out' / 'ckpt.pt'), model, 'somebpe')
     export(repo, monkeypatch, capsys)
     hf = AutoModelForCausalLM.from_pretrained(repo / 'hf').eval()
     assert hf.config.vocab_size == 50304 and hf.config.n_positions == 16  # the padded rows are there
@@ -93,7 +70,7 @@ def test_bpe_export_gives_our_logits_in_transformers(repo, monkeypatch, capsys, 
 def test_exported_tokenizer_is_gpt2s_and_matches_tiktoken(repo, monkeypatch, capsys):
     import tiktoken
     from transformers import AutoTokenizer, GPT2Tokenizer
-    write_checkpoint(str(repo / 'out' / 'ckpt.pt'), tiny_model(), 'somebpe')
+    save_tiny_run(str(repo / 'out' / 'ckpt.pt'), tiny_model(), 'somebpe')
     export(repo, monkeypatch, capsys)
     enc = tiktoken.get_encoding('gpt2')
     for tokenizer in (AutoTokenizer.from_pretrained(repo / 'hf'), GPT2Tokenizer.from_pretrained(repo / 'hf')):
@@ -119,7 +96,7 @@ def test_exported_tokenizer_is_gpt2s_and_matches_tiktoken(repo, monkeypatch, cap
 
 def test_init_from_the_export_gives_our_loss_and_trains(repo, monkeypatch, capsys):
     model = tiny_model(bias=False)
-    write_checkpoint(str(repo / 'out' / 'ckpt.pt'), model, 'somebpe')
+    save_tiny_run(str(repo / 'out' / 'ckpt.pt'), model, 'somebpe')
     export(repo, monkeypatch, capsys)
     data = np.random.default_rng(1).integers(0, 50257, 200).astype(np.uint16)
     os.makedirs(repo / 'data' / 'somebpe')
@@ -147,13 +124,13 @@ def test_init_from_the_export_gives_our_loss_and_trains(repo, monkeypatch, capsy
 
 
 def test_alibi_export_is_refused_and_writes_nothing(repo, monkeypatch):
-    write_checkpoint(str(repo / 'out' / 'ckpt.pt'), tiny_model(alibi=True), 'somebpe')
+    save_tiny_run(str(repo / 'out' / 'ckpt.pt'), tiny_model(alibi=True), 'somebpe')
     message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', '--hf_dir=hf')  # and no file written
     assert 'ALiBi' in message and 'GPT-2' in message
 
 
 def test_existing_hf_dir_is_kept_unless_overwrite(repo, monkeypatch, capsys):
-    write_checkpoint(str(repo / 'out' / 'ckpt.pt'), tiny_model(vocab_size=50257), 'somebpe')
+    save_tiny_run(str(repo / 'out' / 'ckpt.pt'), tiny_model(vocab_size=50257), 'somebpe')
     export(repo, monkeypatch, capsys)
     (repo / 'hf' / 'mine.txt').write_text('keep me')
     assert '--overwrite=True' in exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', '--hf_dir=hf')
@@ -182,7 +159,7 @@ def test_character_level_export_keeps_meta_pkl_as_its_vocabulary(repo, monkeypat
     with open(repo / 'data' / 'tinychars' / 'meta.pkl', 'wb') as f:
         pickle.dump(meta, f)
     model = tiny_model(vocab_size=len(chars))
-    write_checkpoint(str(repo / 'out' / 'ckpt.pt'), model, 'tinychars')
+    save_tiny_run(str(repo / 'out' / 'ckpt.pt'), model, 'tinychars')
     out = export(repo, monkeypatch, capsys)
     assert 'the vocabulary is data/tinychars/meta.pkl' in out and 'not a Hugging Face tokenizer' in out
     with open(repo / 'hf' / 'meta.pkl', 'rb') as f:
@@ -315,7 +292,7 @@ def exit_message_allowing_changes(monkeypatch, cwd, script, *args):
 def test_kill_9_during_an_export_loses_nothing(repo, monkeypatch, capsys):
     import signal
     import time
-    write_checkpoint(str(repo / 'out' / 'ckpt.pt'), tiny_model(vocab_size=50257), 'somebpe')
+    save_tiny_run(str(repo / 'out' / 'ckpt.pt'), tiny_model(vocab_size=50257), 'somebpe')
     export(repo, monkeypatch, capsys)
     before = snapshot(repo / 'hf')
     env = dict(os.environ, OMP_NUM_THREADS='1')

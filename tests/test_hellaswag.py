@@ -50,13 +50,8 @@ def write_jsonl(path, items):
 def hf_dir(tmp_path_factory):
     """A small random GPT-2 with GPT-2's vocabulary, in Hugging Face format (no download). Its
     larger init spread makes the candidates' losses clearly different."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                                    initializer_range=0.1))
-    path = tmp_path_factory.mktemp('hf_gpt2')
-    hf.save_pretrained(path)
-    return path
+    from conftest import save_hf_gpt2
+    return save_hf_gpt2(tmp_path_factory.mktemp('hf_gpt2'), initializer_range=0.1)
 
 
 @pytest.fixture(scope='module')

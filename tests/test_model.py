@@ -28,13 +28,8 @@ def twin_models(**kw):
 @pytest.fixture(scope='module')
 def hf_dir(tmp_path_factory):
     """A random GPT-2 in Hugging Face format, saved locally (no download)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=211, n_positions=64, n_embd=48, n_layer=3, n_head=4)
-    hf = GPT2LMHeadModel(cfg)
-    path = tmp_path_factory.mktemp('hf_gpt2')
-    hf.save_pretrained(path)
-    return path
+    from conftest import save_hf_gpt2
+    return save_hf_gpt2(tmp_path_factory.mktemp('hf_gpt2'), vocab_size=211, n_positions=64, n_embd=48, n_layer=3, n_head=4)
 
 
 def hf_logits(path, idx):

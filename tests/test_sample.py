@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import copy_repo, exit_message
+from conftest import copy_repo, exit_message, save_tiny_run
 import model as model_module
 from model import GPT, GPTConfig
 
@@ -149,24 +149,6 @@ def char_meta():
     return {'vocab_size': len(CHARS), 'itos': dict(enumerate(CHARS)), 'stoi': {c: i for i, c in enumerate(CHARS)}}
 
 
-def write_checkpoint(path, model, dataset, nanogpt_style=False):
-    """A checkpoint as train.py writes it; nanogpt_style: as nanoGPT's (compiled, no flash_attn/alibi/gelu)."""
-    c = model.config
-    model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
-                      bias=c.bias, vocab_size=c.vocab_size, dropout=c.dropout, flash_attn=c.flash_attn, alibi=c.alibi,
-                      gelu=c.gelu)
-    state = model.state_dict()
-    if nanogpt_style:
-        del model_args['flash_attn'], model_args['alibi'], model_args['gelu']
-        state = {'_orig_mod.' + k: v for k, v in state.items()}
-        state.update({f'_orig_mod.transformer.h.{i}.attn.bias': torch.ones(1, 1, c.block_size, c.block_size).tril()
-                      for i in range(c.n_layer)})
-    optimizer = torch.optim.AdamW(model.parameters())
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({'model': state, 'optimizer': optimizer.state_dict(), 'model_args': model_args, 'iter_num': 100,
-                'best_val_loss': 1.5, 'config': {'dataset': dataset, 'batch_size': 4, 'learning_rate': 1e-3}}, path)
-
-
 @pytest.fixture
 def workdir(tmp_path):
     """A directory to run sample.py in, as from a repo root, with its own data/ and out/."""
@@ -181,7 +163,7 @@ def char_workdir(workdir):
     with open(workdir / 'data' / 'tinychars' / 'meta.pkl', 'wb') as f:
         pickle.dump(char_meta(), f)
     model = tiny_model(vocab_size=len(CHARS), block_size=32)
-    write_checkpoint(str(workdir / 'out' / 'ckpt.pt'), model, 'tinychars')
+    save_tiny_run(str(workdir / 'out' / 'ckpt.pt'), model, 'tinychars')
     return workdir, model
 
 
@@ -240,7 +222,7 @@ def test_prompt_from_file_and_top_p(char_workdir):
 def test_loads_nanogpt_checkpoints(char_workdir):
     cwd, _ = char_workdir
     model = tiny_model(seed=3, vocab_size=len(CHARS))
-    write_checkpoint(str(cwd / 'out-old' / 'ckpt.pt'), model, 'tinychars', nanogpt_style=True)
+    save_tiny_run(str(cwd / 'out-old' / 'ckpt.pt'), model, 'tinychars', nanogpt_style=True)
     result = run_sample(cwd, '--out_dir=out-old', '--start=hi', '--top_k=1', '--num_samples=1', '--max_new_tokens=6')
     assert result.returncode == 0, result.stderr
     assert samples(result.stdout) == greedy_text(model, 'hi', 6, 1)
@@ -318,7 +300,7 @@ def test_malicious_meta_pkl_is_refused_and_runs_nothing(char_workdir):
 
 def test_checkpoint_with_objects_is_refused(workdir):
     model = tiny_model()
-    write_checkpoint(str(workdir / 'out' / 'ckpt.pt'), model, None)
+    save_tiny_run(str(workdir / 'out' / 'ckpt.pt'), model, None)
     ckpt = torch.load(workdir / 'out' / 'ckpt.pt', weights_only=True)
     ckpt['config']['hook'] = Payload(str(workdir / 'pwned'))
     torch.save(ckpt, workdir / 'out' / 'ckpt.pt')
@@ -333,7 +315,7 @@ def test_stops_at_end_of_text(workdir):
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.copy_(direction)
         model.lm_head.weight[50256] = 10 * direction
-    write_checkpoint(str(workdir / 'out' / 'ckpt.pt'), model, None)
+    save_tiny_run(str(workdir / 'out' / 'ckpt.pt'), model, None)
     result = run_sample(workdir, '--out_dir=out', '--start=Once upon a time', '--num_samples=2', '--max_new_tokens=50')
     assert result.returncode == 0, result.stderr
     assert samples(result.stdout) == ['Once upon a time'] * 2

@@ -269,12 +269,8 @@ def test_alibi_trains_at_one_block_size_and_evaluates_at_twice_it(repo):
 @pytest.fixture
 def hf_dir(tmp_path):
     """A random GPT-2 in Hugging Face format with a context of 32, saved locally (no download)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                    bos_token_id=0, eos_token_id=0))
-    hf.save_pretrained(tmp_path / 'hf')
-    return tmp_path / 'hf'
+    from conftest import save_hf_gpt2
+    return save_hf_gpt2(tmp_path / 'hf', vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0)
 
 
 def test_init_from_pretrained_crops_and_evaluates_its_weights(repo, hf_dir):
