@@ -133,26 +133,31 @@ def workers(pid):
 # 1, 7: a stop request saves, a resume equals the uninterrupted run, the log holds each iteration once
 
 def test_signals_save_and_the_resume_equals_the_uninterrupted_run(repo):
-    run_script(repo, 'train.py', *TINY, '--max_iters=30', '--eval_interval=15', '--out_dir=straight', check=True)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        out = f'out-{sig.name}'
-        run = Run(repo, *TINY, '--max_iters=30', '--eval_interval=15', f'--out_dir={out}')
-        first = run.wait_for('iter 0:')
-        assert 'mfu' not in first  # not measured yet
+    args = [*TINY, '--max_iters=30', '--eval_interval=15']
+    sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    runs = {sig: Run(repo, *args, f'--out_dir=out-{sig.name}') for sig in sigs}  # side by side: start-ups overlap
+    straight = Run(repo, *args, '--out_dir=straight')
+    for sig, run in runs.items():
+        assert 'mfu' not in run.wait_for('iter 0:')  # not measured yet
         run.wait_for('iter 3:')
         run.proc.send_signal(sig)
-        result = run.finish()
-        assert all('mfu' not in line for line in result.stdout.splitlines() if line.startswith(('iter 0:', 'iter 4:')))
+    stopped_at = {}
+    for sig, run in runs.items():
+        result, out = run.finish(), f'out-{sig.name}'
+        assert all('mfu' not in line for line in result.stdout.splitlines() if line.startswith('iter 4:'))
         last = assert_one_line_error(result, 'train.py', f'stopped by {sig.name} at iter ')
-        n = int(last.split(' at iter ')[1].split(':')[0])
+        n = stopped_at[sig] = int(last.split(' at iter ')[1].split(':')[0])
         assert 4 <= n < 30 and last == (f"train.py: stopped by {sig.name} at iter {n}: saved {out}/ckpt.pt; "
                                         f"resume with --init_from=resume"), last
         assert result.returncode == 1
         assert load(repo / out / 'ckpt.pt')['iter_num'] == n
         assert_no_tmp(repo / out)
-        resumed = run_script(repo, 'train.py', *TINY, '--max_iters=30', '--eval_interval=15', f'--out_dir={out}',
-                             '--init_from=resume', check=True)
-        assert f'resuming training from {out}/ckpt.pt at iter {n}' in resumed.stdout
+    resumed = {sig: Run(repo, *args, f'--out_dir=out-{sig.name}', '--init_from=resume') for sig in sigs}
+    assert straight.finish().returncode == 0
+    for sig, run in resumed.items():
+        result, out = run.finish(), f'out-{sig.name}'
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f'resuming training from {out}/ckpt.pt at iter {stopped_at[sig]}' in result.stdout
         assert_same_weights(repo / 'straight' / 'ckpt.pt', repo / out / 'ckpt.pt')
         assert iter_losses(repo / out / 'log.jsonl') == iter_losses(repo / 'straight' / 'log.jsonl')
         iters = [r['iter'] for r in read_log(repo / out / 'log.jsonl') if 'iter' in r]
@@ -160,6 +165,7 @@ def test_signals_save_and_the_resume_equals_the_uninterrupted_run(repo):
 
 
 def test_a_second_signal_stops_at_once_and_keeps_the_checkpoint(repo):
+    """(and 7: a resume with nothing left to train)"""
     run_script(repo, 'train.py', *TINY, '--max_iters=3', '--eval_interval=3', check=True)
     before = (repo / 'out' / 'ckpt.pt').read_bytes()
     run = Run(repo, *TINY, *LONG, '--init_from=resume')
@@ -172,13 +178,10 @@ def test_a_second_signal_stops_at_once_and_keeps_the_checkpoint(repo):
     assert_no_tmp(repo / 'out')
     ckpt = load(repo / 'out' / 'ckpt.pt')  # whole: the old one, or the stop's own save if it came first
     assert ckpt['iter_num'] == 3 and (repo / 'out' / 'ckpt.pt').read_bytes() == before or ckpt['iter_num'] > 5
-
-
-def test_resume_with_nothing_left_to_train(repo):
-    run_script(repo, 'train.py', *TINY, '--max_iters=5', '--eval_interval=5', check=True)
+    # and a resume with nothing left to train says so, exit 0, the log as it was
     log = (repo / 'out' / 'log.jsonl').read_bytes()
-    result = run_script(repo, 'train.py', *TINY, '--max_iters=3', '--eval_interval=5', '--init_from=resume', check=True)
-    assert 'nothing to train: out/ckpt.pt is at iter 5, and max_iters=3' in result.stdout
+    result = run_script(repo, 'train.py', *TINY, '--max_iters=2', '--init_from=resume', check=True)
+    assert f"nothing to train: out/ckpt.pt is at iter {ckpt['iter_num']}, and max_iters=2" in result.stdout
     assert (repo / 'out' / 'log.jsonl').read_bytes() == log
 
 
@@ -258,17 +261,17 @@ def test_data_changed_under_a_run_is_named(repo):
 
 
 def test_resume_on_another_vocabulary_is_refused(repo):
-    run_script(repo, 'train.py', *TINY, '--max_iters=2', '--eval_interval=2', check=True)
     tokens = np.random.default_rng(1).integers(0, 20, 4000)
-    write_bins(repo / 'data' / 'tiny', tokens, tokens[:800], meta={'vocab_size': 20})  # re-prepared, other text
-    result = run_script(repo, 'train.py', *TINY, '--max_iters=4', '--init_from=resume')
-    assert_one_line_error(result, 'train.py', 'out/ckpt.pt was trained on data/tiny with a vocabulary of 32',
+    write_bins(repo / 'data' / 'bpe', tokens, tokens[:800], meta=None)  # GPT-2's BPE: no meta.pkl
+    trained = [Run(repo, *TINY, '--max_iters=2', '--eval_interval=2'),
+               Run(repo, *TINY, '--dataset=bpe', '--out_dir=bpe', '--max_iters=1', '--eval_interval=1')]
+    assert [run.finish().returncode for run in trained] == [0, 0]
+    write_bins(repo / 'data' / 'tiny', tokens, tokens[:800], meta={'vocab_size': 20})  # re-prepared, another text
+    char, bpe = (Run(repo, *TINY, f'--out_dir={out}', '--max_iters=4', '--init_from=resume') for out in ('out', 'bpe'))
+    assert_one_line_error(char.finish(), 'train.py', 'out/ckpt.pt was trained on data/tiny with a vocabulary of 32',
                           'a vocabulary of 20', 'the vocabularies differ')
-    # a BPE model (no meta.pkl) resumed on the character dataset
-    write_bins(repo / 'data' / 'bpe', tokens, tokens[:800], meta=None)
-    run_script(repo, 'train.py', *TINY, '--dataset=bpe', '--out_dir=bpe', '--max_iters=1', '--eval_interval=1', check=True)
-    result = run_script(repo, 'train.py', *TINY, '--out_dir=bpe', '--max_iters=2', '--init_from=resume')
-    assert_one_line_error(result, 'train.py', "trained on data/bpe with GPT-2's BPE", 'the vocabularies differ')
+    # a BPE model resumed on the character dataset
+    assert_one_line_error(bpe.finish(), 'train.py', "trained on data/bpe with GPT-2's BPE", 'the vocabularies differ')
 
 
 # -----------------------------------------------------------------------------
