@@ -215,12 +215,11 @@ def test_full_disk_at_a_save_keeps_the_previous_checkpoint(repo, mount):
 
 def test_unwritable_out_dirs_get_one_line(repo, mount):
     (repo / 'afile').write_text('not a directory')
-    result = run_script(repo, 'train.py', *TINY, '--max_iters=2', '--out_dir=afile/out')
-    assert_one_line_error(result, 'train.py', 'afile/out', 'not a directory')
     mount(repo / 'ro', '1m')
     subprocess.run(['mount', '-o', 'remount,ro', str(repo / 'ro')], check=True)
-    result = run_script(repo, 'train.py', *TINY, '--max_iters=2', '--out_dir=ro')
-    assert_one_line_error(result, 'train.py', 'ro', 'read-only file system')
+    under_file, read_only = (Run(repo, *TINY, '--max_iters=2', f'--out_dir={out}') for out in ('afile/out', 'ro'))
+    assert_one_line_error(under_file.finish(), 'train.py', 'afile/out', 'not a directory')
+    assert_one_line_error(read_only.finish(), 'train.py', 'ro', 'read-only file system')
 
 
 # -----------------------------------------------------------------------------
@@ -280,14 +279,21 @@ def test_resume_on_another_vocabulary_is_refused(repo):
 DDP = [*TINY, '--gradient_accumulation_steps=4']
 
 
-def test_sigterm_to_one_worker_stops_both_at_one_iteration(repo):
+@pytest.mark.parametrize('how', ['SIGTERM to one worker', "Ctrl-C (SIGINT to torchrun's process group)"])
+def test_a_stop_request_stops_both_workers_at_one_iteration(repo, how):
     run = Run(repo, *DDP, *LONG, nproc=2)
     run.wait_for('iter 3:')
-    os.kill(workers(run.pid)[1], signal.SIGTERM)  # not the one that prints and saves
+    start = time.time()
+    if how.startswith('SIGTERM'):
+        os.kill(workers(run.pid)[1], signal.SIGTERM)  # not the one that prints and saves
+    else:  # torchrun relays the SIGINT its workers already have: still one request, saved
+        os.killpg(run.pid, signal.SIGINT)
     result = run.finish()
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith('train.py: stopped by')]
-    assert len(lines) == 1 and 'a stop request to another process' in lines[0], result.stderr[-3000:]
+    why = 'a stop request to another process' if how.startswith('SIGTERM') else 'SIGINT'
+    assert len(lines) == 1 and f'stopped by {why} at iter' in lines[0], result.stderr[-3000:]
+    assert time.time() - start < 20  # not torchrun's 30 s wait before it kills a worker
     n = int(lines[0].split(' at iter ')[1].split(':')[0])
     assert load(repo / 'out' / 'ckpt.pt')['iter_num'] == n
     assert_no_tmp(repo / 'out')
