@@ -45,6 +45,8 @@ def write_checkpoint(checkpoint, path):
         write_atomically(path, lambda f: torch.save(checkpoint, f))
     except RuntimeError as e:  # torch.save reports a failed write as RuntimeError; the OSError behind it says why
         cause = e.__cause__ or e.__context__
+        if isinstance(cause, (SystemExit, KeyboardInterrupt)):  # a stop at once (a second signal) during the save
+            raise cause from None
         raise OSError(f"cannot write {path}: {os_error_text(cause) if cause else str(e).splitlines()[0]}") from None
     except OSError as e:
         raise OSError(f"cannot write {path}: {os_error_text(e)}") from None

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 
 import torch
 
@@ -134,7 +135,7 @@ class StopRequest:
     (killed with -9) stops too, instead of training on as an orphan."""
 
     def __init__(self, ddp, device):
-        self.ddp, self.device, self.why = ddp, device, None
+        self.ddp, self.device, self.why, self.when = ddp, device, None, 0.0
         self.parent = os.getppid()
         for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, 'SIGHUP', None)):
             if sig is not None:
@@ -142,9 +143,10 @@ class StopRequest:
 
     def handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.why:
+        # under torchrun a terminal's Ctrl-C reaches every process and torchrun then relays it: that copy is no second request
+        if self.why and not (self.ddp and time.monotonic() - self.when < 3):
             sys.exit(f"train.py: stopped at once by a second {name}; the last checkpoint written is kept whole")
-        self.why = name
+        self.why, self.when = self.why or name, time.monotonic()
 
     def requested(self):
         """Why the run should stop now (the same answer in every process), or None."""
