@@ -11,7 +11,7 @@ import pickle
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig, clean_state_dict
+from model import GPT, GPTConfig, clean_state_dict, fit_pretrained_embeddings
 
 
 def os_error_text(e):
@@ -75,6 +75,23 @@ def load_checkpoint(out_dir, device='cpu', override_args=None):
     except (KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"{ckpt_path} is not a checkpoint of this model.py ({str(e).strip().splitlines()[0]})") from None
     return model, checkpoint
+
+
+def load_pretrained_embeddings(data_dir, n_embd):
+    """data_dir/pretrained_embeddings.pt, a [vocab, D] matrix, fitted to n_embd (model.fit_pretrained_embeddings).
+    Raises ValueError naming the script that makes it when it is missing or not a matrix."""
+    path = os.path.join(data_dir, 'pretrained_embeddings.pt')
+    if not os.path.exists(path):
+        raise ValueError(f"pretrained_embeddings=True but there is no {path}: build it with "
+                         f"python data/openwebtext/pretrained_embeddings.py")
+    try:
+        embeddings = torch.load(path, weights_only=True)
+        assert isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2
+    except Exception:
+        raise ValueError(f"{path} is not a [vocab, width] tensor: re-create it with "
+                         f"python data/openwebtext/pretrained_embeddings.py") from None
+    print(f"token embeddings start from {path}")
+    return fit_pretrained_embeddings(embeddings, n_embd)
 
 
 class PlainUnpickler(pickle.Unpickler):

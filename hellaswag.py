@@ -110,11 +110,11 @@ def score_examples(model, examples, device, ctx=nullcontext(), max_len=None):
 
 
 def evaluate_hellaswag(model, examples, device, batch_size=4, ctx=nullcontext(), rank=0, world_size=1,
-                       max_len=None, progress=False):
+                       max_len=None, progress=False, all_processes=False):
     """(num_correct, num_correct_norm, num_total) over this rank's share of examples (every
     world_size-th one from rank): sum them over ranks for the whole set. batch_size: items per forward
     pass. model: the plain GPT (sharded in place by fsdp.py or not), not a DDP or compiled wrapper
-    (every batch has a new length)."""
+    (every batch has a new length). all_processes: the sum over torchrun's processes instead of this rank's share."""
     mine = examples[rank::world_size]
     was_training = model.training
     model.eval()
@@ -134,7 +134,18 @@ def evaluate_hellaswag(model, examples, device, batch_size=4, ctx=nullcontext(),
         bar.update(len(batch))
     bar.close()
     model.train(was_training)
+    if all_processes:  # under torchrun: the counts of every process's share, summed
+        counts = torch.tensor([num_correct, num_correct_norm, len(mine)], device=device)
+        torch.distributed.all_reduce(counts)
+        return tuple(counts.tolist())
     return num_correct, num_correct_norm, len(mine)
+
+
+def describe_hellaswag(scores):
+    """'hellaswag acc 0.2500 (1/4), acc_norm 0.5000 (2/4)' for (num_correct, num_correct_norm, num_total)."""
+    num_correct, num_correct_norm, num_total = scores
+    return (f"hellaswag acc {num_correct / num_total:.4f} ({num_correct}/{num_total}), "
+            f"acc_norm {num_correct_norm / num_total:.4f} ({num_correct_norm}/{num_total})")
 
 
 if __name__ == '__main__':  # (train.py imports the functions above)

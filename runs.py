@@ -99,6 +99,17 @@ def trim_log(log_path, iter_num):
         print(f"{log_path}: {len(lines) - len(kept)} records past iter {iter_num} dropped (they are trained again now)")
 
 
+def take_out_dir(out_dir, log_path, resumed, writes, iter_num):
+    """Locks out_dir for this run (lock_out_dir; the lock file is returned, to be kept) and, for a run that writes,
+    trims a resumed run's log to its checkpoint or sets aside the run a new one finds there."""
+    lock = lock_out_dir(out_dir)
+    if writes and resumed:
+        trim_log(log_path, iter_num)  # the records past the checkpoint: trained again now
+    elif writes:
+        set_aside_previous_run(out_dir)
+    return lock
+
+
 _set_aside = []  # the out_dir/previous/ this process made
 
 

@@ -30,8 +30,9 @@ from torch.distributed import init_process_group, destroy_process_group
 import energy
 import runtime
 import runs
-from model import GPTConfig, GPT, GPT2_VOCAB_SIZE, fit_pretrained_embeddings
-from files import load_checkpoint, load_meta, open_bin, check_token_ids, os_error_text, write_checkpoint
+from model import GPTConfig, GPT, GPT2_VOCAB_SIZE
+from files import (load_checkpoint, load_meta, load_pretrained_embeddings, open_bin, check_token_ids, os_error_text,
+                   write_checkpoint)
 
 if int(os.environ.get('RANK', 0)) > 0:
     sys.stdout = open(os.devnull, 'w')  # under torchrun only the first process prints; errors still reach stderr
@@ -170,17 +171,10 @@ elif init_from == 'scratch':
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                       vocab_size=meta['vocab_size'] if meta else GPTConfig.vocab_size, dropout=dropout,
                       flash_attn=plan.flash_attn, alibi=alibi, gelu=gelu)
-    embeddings = None
-    if pretrained_embeddings:
-        emb_path = os.path.join(data_dir, 'pretrained_embeddings.pt')
-        if not os.path.exists(emb_path):
-            fail(f"pretrained_embeddings=True but there is no {emb_path}: "
-                 f"build it with python data/openwebtext/pretrained_embeddings.py")
-        embeddings = fit_pretrained_embeddings(torch.load(emb_path, weights_only=True), n_embd)
-        print(f"token embeddings start from {emb_path}")
-    try:
+    try:  # pretrained embeddings: a missing file or one of the wrong shape is named in one line
+        embeddings = load_pretrained_embeddings(data_dir, n_embd) if pretrained_embeddings else None
         model = GPT(GPTConfig(**model_args), pretrained_embeddings=embeddings)
-    except ValueError as e:  # embeddings of the wrong shape: the message names both
+    except ValueError as e:
         fail(e)
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     print(f"initializing from OpenAI GPT-2 weights: {init_from}")
@@ -248,7 +242,7 @@ checkpoint = None  # free its memory
 
 hellaswag_examples = None
 if hellaswag_interval > 0:
-    from hellaswag import examples_for_training, evaluate_hellaswag
+    from hellaswag import describe_hellaswag, examples_for_training, evaluate_hellaswag
     try:
         hellaswag_examples = examples_for_training(hellaswag_file, master_process, ddp)
     except (OSError, ValueError) as e:  # said by each process that fails: it may be the only one without the file
@@ -384,11 +378,7 @@ get_batch('val', [0], eval_block_size)
 # run it finds there aside until its first checkpoint
 if master_process:
     try:
-        lock = runs.lock_out_dir(out_dir)  # held until this process ends, however it ends
-        if init_from == 'resume' and not eval_only:
-            runs.trim_log(log_path, iter_num)  # the records past the checkpoint: trained again now
-        elif not eval_only:
-            runs.set_aside_previous_run(out_dir)
+        lock = runs.take_out_dir(out_dir, log_path, resumed=init_from == 'resume', writes=not eval_only, iter_num=iter_num)
     except (OSError, ValueError) as e:
         fail(e)
 stop = runs.StopRequest(ddp, device)  # SIGTERM, SIGINT, SIGHUP, or torchrun gone: save at the iteration's end
@@ -423,15 +413,11 @@ while True:
     if hellaswag_examples and (iter_num % hellaswag_interval == 0 or iter_num >= max_iters or eval_only):
         # every process scores its share of the items (rows per forward as in training), then the counts are summed
         with meter.during('other'):
-            counts = torch.tensor(evaluate_hellaswag(raw_model, hellaswag_examples, device, max(1, batch_size // 4), ctx,
-                                                     ddp_rank, ddp_world_size), device=device)
-        if ddp:
-            torch.distributed.all_reduce(counts)
-        num_correct, num_correct_norm, num_total = counts.tolist()
-        print(f"step {iter_num}: hellaswag acc {num_correct / num_total:.4f} ({num_correct}/{num_total}), "
-              f"acc_norm {num_correct_norm / num_total:.4f} ({num_correct_norm}/{num_total})")
+            scores = evaluate_hellaswag(raw_model, hellaswag_examples, device, max(1, batch_size // 4), ctx,
+                                        ddp_rank, ddp_world_size, all_processes=ddp)
+        print(f"step {iter_num}: {describe_hellaswag(scores)}")
         if master_process:
-            log({'step': iter_num, 'hellaswag_acc': num_correct / num_total, 'hellaswag_acc_norm': num_correct_norm / num_total})
+            log({'step': iter_num, 'hellaswag_acc': scores[0] / scores[2], 'hellaswag_acc_norm': scores[1] / scores[2]})
         t0 = time.time()
     if iter_num >= max_iters or eval_only:
         break
