@@ -191,6 +191,7 @@ elif init_from.startswith('gpt2') or os.path.isdir(init_from):
 else:
     fail(f"init_from='{init_from}' is not 'scratch', 'resume', a 'gpt2*' model name or a Hugging Face GPT-2 directory")
 model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}  # saved in checkpoints
+model_args['flash_attn'] = flash_attn  # the setting is saved; the kernel this device trains with is the plan's
 eval_block_size = eval_block_size or block_size
 if eval_block_size > block_size and not alibi:
     fail(f"eval_block_size={eval_block_size} is larger than block_size={block_size}: learned position "
