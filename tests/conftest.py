@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -132,3 +133,18 @@ def save_hf_gpt2(path, vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n
     GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                                n_head=n_head, **kw)).save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def tmpfs(path, size='1m'):
+    """A real file system of size (e.g. '256k') mounted at path, for a real full disk (or, remounted read-only, an
+    unwritable one); skips the test where mounting is not allowed (it needs root). Unmounted after."""
+    import subprocess
+    os.makedirs(path, exist_ok=True)
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(['umount', '-l', str(path)], check=True)

@@ -7,11 +7,9 @@ import platform
 
 import pytest
 import torch
-import torch.nn as nn
 
 import cpu
 from conftest import ROOT, tiny_model
-from model import GPT, GPTConfig
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])

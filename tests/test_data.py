@@ -313,7 +313,8 @@ def test_data_scripts_answer_help_without_writing_anything(tmp_path, script, wri
 # -----------------------------------------------------------------------------
 # a dataset is replaced whole or not at all: full disk, read-only, signals, kill -9, a kill between renames
 
-from test_prepare_char import files_of, tmpfs  # noqa: E402  (the real full disk, and a folder's bytes)
+from conftest import tmpfs  # noqa: E402  (a real full disk)
+from test_prepare_char import files_of  # noqa: E402  (a folder's bytes)
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!\n"
 PREPARE = 'data/text/prepare.py'

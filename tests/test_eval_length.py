@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, exit_message
+from conftest import ROOT, exit_message, tmpfs
 from model import GPT, GPTConfig
 
 VOCAB = 50
@@ -106,12 +106,8 @@ def test_bad_settings_and_data_files_get_a_one_line_error(project, monkeypatch, 
 @pytest.fixture
 def disk(tmp_path):
     """A real 1 MiB tmpfs at tmp_path/disk (root only: skipped where mount is refused), unmounted after."""
-    path = tmp_path / 'disk'
-    path.mkdir()
-    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(path)], capture_output=True).returncode:
-        pytest.skip('cannot mount a tmpfs here (needs root)')
-    yield path
-    subprocess.run(['umount', '-l', str(path)], check=True)
+    with tmpfs(tmp_path / 'disk', '1m') as path:
+        yield path
 
 
 def test_unwritable_json_out_is_refused_before_evaluating(project, tmp_path, disk, monkeypatch, capsys):

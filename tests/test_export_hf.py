@@ -2,7 +2,6 @@ import json
 import os
 import pickle
 import runpy
-import shutil
 import subprocess
 import sys
 
@@ -10,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import copy_repo, exit_message, save_tiny_run, tiny_model
-from model import GPT, GPTConfig
+from conftest import copy_repo, exit_message, save_tiny_run, tiny_model, tmpfs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["Hello world! It's 3.14 o'clock,   isn't it?\n\n\tTabs\tand  spaces   ",
@@ -205,14 +203,10 @@ def save_char_run(repo, meta, record=True, seed=0):
 
 
 @pytest.fixture
-def tmpfs(repo):
-    """A real 1 MiB file system at repo/disk (root only: skipped where mount is refused)."""
-    disk = repo / 'disk'
-    disk.mkdir()
-    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(disk)], capture_output=True).returncode:
-        pytest.skip('cannot mount a tmpfs here (needs root)')
-    yield disk
-    subprocess.run(['umount', '-l', str(disk)], check=True)
+def disk(repo):
+    """A real 1 MiB file system at repo/disk (conftest's tmpfs)."""
+    with tmpfs(repo / 'disk', '1m') as path:
+        yield path
 
 
 def fill(directory):
@@ -328,18 +322,18 @@ def test_export_gets_the_users_umask_permissions(repo, monkeypatch, capsys, umas
         assert os.stat(repo / 'hf' / name).st_mode & 0o777 == 0o666 & ~umask, name
 
 
-def test_a_full_disk_is_one_line_and_changes_nothing(repo, tmpfs, monkeypatch, capsys):
+def test_a_full_disk_is_one_line_and_changes_nothing(repo, disk, monkeypatch, capsys):
     save_char_run(repo, char_meta())
-    export(repo, monkeypatch, capsys, f'--hf_dir={tmpfs}/hf')
-    fill(tmpfs)
-    before = snapshot(tmpfs)
+    export(repo, monkeypatch, capsys, f'--hf_dir={disk}/hf')
+    fill(disk)
+    before = snapshot(disk)
     save_char_run(repo, char_meta(), seed=1)
-    message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', f'--hf_dir={tmpfs}/hf', '--overwrite=True')
-    assert f'cannot write {tmpfs}/hf: no space left on device' in message and 'nothing was changed' in message
-    assert snapshot(tmpfs) == before and sorted(os.listdir(tmpfs)) == ['filler', 'hf']
+    message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', f'--hf_dir={disk}/hf', '--overwrite=True')
+    assert f'cannot write {disk}/hf: no space left on device' in message and 'nothing was changed' in message
+    assert snapshot(disk) == before and sorted(os.listdir(disk)) == ['filler', 'hf']
     # a new export onto the full disk: no half directory left either
-    message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', f'--hf_dir={tmpfs}/hf2')
-    assert 'no space left on device' in message and sorted(os.listdir(tmpfs)) == ['filler', 'hf']
+    message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', f'--hf_dir={disk}/hf2')
+    assert 'no space left on device' in message and sorted(os.listdir(disk)) == ['filler', 'hf']
 
 
 def test_hf_dir_under_a_file_is_one_line(repo, monkeypatch):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, copy_repo, exit_message, run_script
+from conftest import ROOT, assert_one_line_error, copy_repo, exit_message, run_script, tmpfs
 
 PREP = os.path.join('data', 'fineweb', 'prepare.py')
 CONFIG = os.path.join('config', 'train_gpt2_fineweb.py')
@@ -139,10 +139,7 @@ def test_prep_stopped_by_ctrl_c_says_so_in_one_line_and_resumes(tmp_path, corpus
 def test_prep_stopped_by_a_full_disk_resumes_once_there_is_room(tmp_path, corpus, prepared):
     repo = copy_repo(tmp_path)
     shards = repo / 'data' / 'fineweb' / 'shards'
-    shards.mkdir()
-    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', str(shards)], capture_output=True).returncode:
-        pytest.skip('cannot mount a tmpfs here (needs root)')
-    try:
+    with tmpfs(shards, '256k'):
         result = run_script(repo, repo / PREP, *prep_args(corpus[0]), timeout=120)
         assert_one_line_error(result, PREP, 'the disk is full', 'free some space and run the same command to continue')
         assert 0 < shards_in_manifest(repo) < N_DOCS // SHARD_DOCS
@@ -150,8 +147,6 @@ def test_prep_stopped_by_a_full_disk_resumes_once_there_is_room(tmp_path, corpus
         result = run_script(repo, repo / PREP, *prep_args(corpus[0]), '--keep_shards', check=True, timeout=120)
         assert 'continuing from document' in result.stdout
         assert bins(repo) == bins(prepared[0])
-    finally:
-        subprocess.run(['umount', str(shards)])
 
 
 def test_prep_whose_reading_breaks_mid_way_resumes_once_it_reads_again(tmp_path, corpus):

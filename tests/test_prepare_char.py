@@ -1,35 +1,18 @@
 """data/shakespeare_char/prepare.py on a small text: nanoGPT's files, offline, replaced whole or not at all.
-Also the helpers for a real full disk that test_data.py shares: tmpfs(), files_of()."""
-import contextlib
+Also files_of(), a folder's bytes, which test_data.py shares."""
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import SHARED, assert_one_line_error, copy_repo, run_script
+from conftest import SHARED, assert_one_line_error, copy_repo, run_script, tmpfs
 
 SCRIPT = 'data/shakespeare_char/prepare.py'
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 3
 NANOGPT = os.path.join(SHARED, 'reference', 'nanoGPT', 'data', 'shakespeare_char', 'prepare.py')
 SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare', 'input.txt')
-
-
-@contextlib.contextmanager
-def tmpfs(path, size):
-    """A real file system of size (e.g. '256k') mounted at path, for a real full disk; skips the test
-    where mounting is not allowed."""
-    os.makedirs(path, exist_ok=True)
-    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
-    try:
-        yield path
-    finally:
-        subprocess.run(['umount', '-l', str(path)], check=True)
 
 
 def files_of(folder):

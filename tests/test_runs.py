@@ -1,6 +1,7 @@
 """Runs that survive (issue 21): real train.py processes stopped by signals, a full or unwritable disk, a second
 run into the same out_dir, data changed under them, and torchrun's workers stopped, killed or orphaned."""
 import json
+import contextlib
 import os
 import pickle
 import signal
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, copy_repo, run_script
+from conftest import assert_one_line_error, copy_repo, run_script, tmpfs
 
 VOCAB = 32
 # tiny, with 8 micro-steps an iteration: slow enough (tens of ms) for a signal to land mid-run
@@ -196,19 +197,10 @@ def test_a_second_signal_stops_at_once_and_keeps_the_checkpoint(repo):
 # 3: a write that fails says why in one line, the previous checkpoint kept
 
 @pytest.fixture
-def mount(tmp_path):
-    mounted = []
-
-    def make(path, size):
-        os.makedirs(path)
-        if subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
-                          capture_output=True).returncode:
-            pytest.skip('cannot mount a tmpfs here')
-        mounted.append(path)
-        return path
-    yield make
-    for path in mounted:
-        subprocess.run(['umount', '-l', str(path)], capture_output=True)
+def mount():
+    """mount(path, size): conftest's tmpfs at path, unmounted when the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda path, size: stack.enter_context(tmpfs(path, size))
 
 
 def test_full_disk_at_a_save_keeps_the_previous_checkpoint(repo, mount):

@@ -2,9 +2,6 @@
 autocast context, and the peaks that MFU is measured against."""
 import math
 import os
-import platform
-import subprocess
-import sys
 
 import pytest
 import torch

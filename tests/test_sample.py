@@ -1,16 +1,13 @@
 import os
 import pickle
 import runpy
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import copy_repo, exit_message, save_tiny_run
-import model as model_module
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
