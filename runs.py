@@ -157,7 +157,8 @@ class StopRequest:
         # under torchrun a terminal's Ctrl-C reaches every process and torchrun then relays it: that copy is no second request
         if self.why and not (self.ddp and time.monotonic() - self.when < 3):
             sys.exit(f"train.py: stopped at once by a second {name}; the last checkpoint written is kept whole")
-        self.why, self.when = self.why or name, time.monotonic()
+        adopted = self.why in (None, 'a stop request to another process')  # its own copy names it better
+        self.why, self.when = name if adopted else self.why, time.monotonic()
 
     def requested(self):
         """Why the run should stop now (the same answer in every process), or None."""
@@ -167,8 +168,8 @@ class StopRequest:
             return self.why
         flag = torch.tensor([1.0 if self.why else 0.0], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and not self.why:
-            self.why = 'a stop request to another process'
+        if flag.item() and not self.why:  # its own copy of the signal may still come: no second request either
+            self.why, self.when = 'a stop request to another process', time.monotonic()
         return self.why
 
 

@@ -148,3 +148,24 @@ def tmpfs(path, size='1m'):
         yield path
     finally:
         subprocess.run(['umount', '-l', str(path)], check=True)
+
+
+def write_bins(directory, train, val, meta={'vocab_size': 32}):
+    """A dataset in directory: train.bin and val.bin of the given token ids, and meta.pkl unless meta is None."""
+    import pickle
+    import numpy as np
+    os.makedirs(directory, exist_ok=True)
+    np.asarray(train, dtype=np.uint16).tofile(os.path.join(directory, 'train.bin'))
+    np.asarray(val, dtype=np.uint16).tofile(os.path.join(directory, 'val.bin'))
+    if meta:
+        with open(os.path.join(directory, 'meta.pkl'), 'wb') as f:
+            pickle.dump(meta, f)
+
+
+def phrase_repo(tmp_path, vocab=32):
+    """A copy of the scripts with data/tiny: a random 50-token phrase repeated, so there is something to learn."""
+    import numpy as np
+    copy_repo(tmp_path)
+    phrase = np.random.default_rng(0).integers(0, vocab, 50)
+    write_bins(os.path.join(tmp_path, 'data', 'tiny'), np.tile(phrase, 80), np.tile(phrase, 10), {'vocab_size': vocab})
+    return tmp_path

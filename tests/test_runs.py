@@ -3,7 +3,6 @@ run into the same out_dir, data changed under them, and torchrun's workers stopp
 import json
 import contextlib
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, copy_repo, run_script, tmpfs
+from conftest import assert_one_line_error, phrase_repo, run_script, tmpfs, write_bins
 
 VOCAB = 32
 # tiny, with 8 micro-steps an iteration: slow enough (tens of ms) for a signal to land mid-run
@@ -24,21 +23,9 @@ TINY = ['--device=cpu', '--compile=False', '--dtype=float32', '--dataset=tiny', 
 LONG = ['--max_iters=100000', '--eval_interval=100000']  # a run that only a signal ends
 
 
-def write_bins(directory, train, val, meta={'vocab_size': VOCAB}):
-    os.makedirs(directory, exist_ok=True)
-    np.asarray(train, dtype=np.uint16).tofile(os.path.join(directory, 'train.bin'))
-    np.asarray(val, dtype=np.uint16).tofile(os.path.join(directory, 'val.bin'))
-    if meta:
-        with open(os.path.join(directory, 'meta.pkl'), 'wb') as f:
-            pickle.dump(meta, f)
-
-
 @pytest.fixture
 def repo(tmp_path):
-    copy_repo(tmp_path)
-    phrase = np.random.default_rng(0).integers(0, VOCAB, 50)
-    write_bins(tmp_path / 'data' / 'tiny', np.tile(phrase, 80), np.tile(phrase, 10))
-    return tmp_path
+    return phrase_repo(tmp_path, VOCAB)
 
 
 class Run:

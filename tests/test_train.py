@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import copy_repo, exit_message
+from conftest import exit_message, phrase_repo, write_bins
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,21 +25,9 @@ SHAPE = ('--n_layer=', '--n_head=', '--n_embd=', '--block_size=', '--bias=')
 NANOGPT = os.path.join(os.path.dirname(ROOT), 'shared', 'reference', 'nanoGPT')  # the original's scripts, if here
 
 
-def write_bins(directory, train, val):
-    os.makedirs(directory, exist_ok=True)
-    np.asarray(train, dtype=np.uint16).tofile(os.path.join(directory, 'train.bin'))
-    np.asarray(val, dtype=np.uint16).tofile(os.path.join(directory, 'val.bin'))
-    with open(os.path.join(directory, 'meta.pkl'), 'wb') as f:
-        pickle.dump({'vocab_size': VOCAB}, f)
-
-
 @pytest.fixture
 def repo(tmp_path):
-    """A copy of the scripts with data/tiny: a random 50-token phrase repeated, so there is something to learn."""
-    copy_repo(tmp_path)
-    phrase = np.random.default_rng(0).integers(0, VOCAB, 50)
-    write_bins(tmp_path / 'data' / 'tiny', np.tile(phrase, 80), np.tile(phrase, 10))
-    return tmp_path
+    return phrase_repo(tmp_path, VOCAB)
 
 
 def run(repo, *args, torchrun=False, python_code=None, check=True, script='train.py'):
