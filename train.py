@@ -4,11 +4,7 @@ DistributedDataParallel (DDP). One process, on a CPU or one GPU:
 $ python train.py config/train_shakespeare_char.py --device=cpu --compile=False
 All 8 GPUs of one machine:
 $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
-Two machines of 8 GPUs: the same command on both, --node_rank=0 on the one at --master_addr:
-$ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py config/train_gpt2.py
-(NCCL_IB_DISABLE=1 in front when the machines are linked by plain Ethernet rather than Infiniband).
-A model whose weights, gradients and AdamW state do not fit DDP's copy on every GPU: --fsdp=True shards them (fsdp.py):
-$ torchrun --standalone --nproc_per_node=2 train.py config/finetune_shakespeare.py --fsdp=True
+Several machines, FSDP (--fsdp=True, fsdp.py): README's Training section.
 SIGTERM, SIGINT (Ctrl-C) or SIGHUP finish the current iteration, save ckpt.pt and stop; --init_from=resume goes on.
 """
 
