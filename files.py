@@ -1,28 +1,46 @@
 """
 The project's files, read and written safely, in one place: checkpoints (ckpt.pt), a dataset's vocabulary
-(meta.pkl) and token bins (train.bin, val.bin). Writes go to a temporary file that is synced and then renamed
-over the old one, so a crash, a kill or a full disk leaves the previous file whole; reads run no code from the
+(meta.pkl) and token bins (train.bin, val.bin), and the three things every writer here shares: one atomic
+write (a temporary file, synced, then renamed over the old one, so a crash, a kill or a full disk leaves the
+previous file whole), one lock on a directory, and one way to say an OSError. Reads run no code from the
 file (torch.load(weights_only=True), a pickle reader of plain values). Errors are ValueErrors or OSErrors
-whose text is one line naming the file and the fix, for the scripts' fail().
+whose text is one line naming the file and the fix, for the scripts' fail(). torch is imported only where a
+checkpoint is read or written: the data scripts use this file too.
 """
+import json
 import os
 import pickle
 
 import numpy as np
-import torch
 
-from model import GPT, GPTConfig, clean_state_dict, fit_pretrained_embeddings
+STAMP = 'bins.json'  # beside train.bin and val.bin: the token counts of the pair one prepare wrote together
 
 
 def os_error_text(e):
     """An OSError in a few words: 'no space left on device', 'read-only file system', 'permission denied'."""
-    return (e.strerror or str(e)).lower() if isinstance(e, OSError) else str(e)
+    if not isinstance(e, OSError):
+        return str(e)
+    return (e.strerror or (os.strerror(e.errno) if e.errno else '') or str(e)).lower()
+
+
+def fsync_dir(path):
+    """Make the renames in a folder durable (POSIX; Windows has no handles on folders to do it with)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_atomically(path, write):
-    """write(f) into a temporary file beside path, synced, then renamed over path. On any failure (a full
-    disk, an unwritable directory, Ctrl-C) the temporary file is removed, path is left as it was, and the
-    OSError (or the interrupt) goes on up."""
+    """write(f) into path + '.tmp', synced, then renamed over path (and the rename synced). On any failure
+    (a full disk, an unwritable directory, Ctrl-C) the temporary file is removed, path is left as it was, and
+    the OSError (or the interrupt) goes on up."""
     tmp_path = path + '.tmp'
     try:
         with open(tmp_path, 'wb') as f:
@@ -36,11 +54,60 @@ def write_atomically(path, write):
         except OSError:
             pass
         raise
+    fsync_dir(os.path.dirname(path) or '.')
+
+
+class Busy(Exception):
+    """lock_directory's: another live process holds the lock; .pid is its process id ('?' when unknown)."""
+    def __init__(self, pid):
+        super().__init__(pid)
+        self.pid = pid
+
+
+def lock_directory(directory, pid_file=None):
+    """Takes an exclusive lock on directory (flock on the folder itself) for as long as the returned handle is kept
+    open, or the process lives: the kernel lets go however it ends, kill -9 too. pid_file: a file in directory that
+    records the holder's pid, for the message of the next one. Raises Busy when another live process holds it
+    (.pid from pid_file, else '?'), OSError when directory cannot be opened. Windows has no advisory locks:
+    nothing is guarded there (None is returned)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        try:
+            with open(os.path.join(directory, pid_file)) as f:
+                holder = f.read().strip() or '?'
+        except (OSError, TypeError):
+            holder = '?'
+        raise Busy(holder) from None
+    if pid_file:
+        with open(os.path.join(directory, pid_file), 'w') as f:
+            f.write(f"{os.getpid()}\n")
+    return fd
+
+
+def count_nonfinite(checkpoint):
+    """How many values of the checkpoint's weights and optimizer state are nan or inf."""
+    import torch
+    tensors = list(checkpoint['model'].values())
+    for state in checkpoint.get('optimizer', {}).get('state', {}).values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
 def write_checkpoint(checkpoint, path):
     """torch.save(checkpoint) to path, whole or not at all (write_atomically). Raises OSError saying why, in one
-    line, when it cannot be written."""
+    line, when it cannot be written, and ValueError, writing nothing, when a weight is nan or inf: a checkpoint
+    is never one of a diverged model, whatever asked for it (an evaluation, the end, a stop signal)."""
+    import torch
+    if bad := count_nonfinite(checkpoint):
+        raise ValueError(f"not saved to {path}: {bad:,} of the weights and optimizer values are nan or inf at iter "
+                         f"{checkpoint.get('iter_num')} (the training diverged)")
     try:
         write_atomically(path, lambda f: torch.save(checkpoint, f))
     except RuntimeError as e:  # torch.save reports a failed write as RuntimeError; the OSError behind it says why
@@ -56,16 +123,28 @@ def load_checkpoint(out_dir, device='cpu', override_args=None):
     """The GPT saved in out_dir/ckpt.pt (ours or the original nanoGPT's) and the checkpoint dict. weights_only=True
     refuses a checkpoint that holds anything but tensors and plain values. override_args: GPTConfig fields that
     leave the weights' shapes alone (dropout, flash_attn) to take over the checkpoint's. Raises ValueError saying
-    what is wrong: no ckpt.pt, a damaged or unsafe file, or another model's."""
+    what is wrong: no ckpt.pt (and where a run set aside is), a damaged or unsafe file, or another model's."""
+    import torch
+    from model import GPT, GPTConfig, clean_state_dict
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(ckpt_path):
+        for kept in ('previous', 'previous.moving'):  # runs.py's: a run set aside, or one whose setting aside was cut
+            if os.path.isfile(os.path.join(out_dir, kept, 'ckpt.pt')):
+                raise ValueError(f"no checkpoint {ckpt_path}, but {os.path.join(out_dir, kept, 'ckpt.pt')} holds the run "
+                                 f"that a new run into {out_dir} set aside: to go on with it, move it back "
+                                 f"(mv {os.path.join(out_dir, kept)}/* {out_dir}/)")
         raise ValueError(f"no checkpoint {ckpt_path}: train one first (python train.py --out_dir={out_dir} ...), "
                          f"or pass --out_dir=<the run's directory>")
+    if os.path.getsize(ckpt_path) == 0:
+        raise ValueError(f"{ckpt_path} is empty (0 bytes: not a checkpoint, or one whose copy was cut short); "
+                         f"copy it again, or pass --out_dir=<the run's directory>")
     try:
         checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+        assert isinstance(checkpoint, dict), "not a dict"
     except Exception as e:  # weights_only refuses anything but tensors and plain values; or a damaged file
-        raise ValueError(f"cannot load {ckpt_path} safely ({str(e).strip().splitlines()[0]}); "
-                         f"only checkpoints of tensors and plain values load") from None
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot load {ckpt_path} safely ({text}); only whole checkpoints of tensors and "
+                         f"plain values load: copy it again, or pass --out_dir=<the run's directory>") from None
     try:
         model_args = {**checkpoint['model_args'], **(override_args or {})}
         # older checkpoints have no gelu: ours (with an alibi key) used GPT-2's tanh GELU, nanoGPT's the exact one
@@ -80,6 +159,8 @@ def load_checkpoint(out_dir, device='cpu', override_args=None):
 def load_pretrained_embeddings(data_dir, n_embd):
     """data_dir/pretrained_embeddings.pt, a [vocab, D] matrix, fitted to n_embd (model.fit_pretrained_embeddings).
     Raises ValueError naming the script that makes it when it is missing or not a matrix."""
+    import torch
+    from model import fit_pretrained_embeddings
     path = os.path.join(data_dir, 'pretrained_embeddings.pt')
     if not os.path.exists(path):
         raise ValueError(f"pretrained_embeddings=True but there is no {path}: build it with "
@@ -131,6 +212,8 @@ def open_bin(path, min_tokens=1):
         size = os.path.getsize(path)
     except OSError:
         raise ValueError(f"no {path}: run python {prepare} first") from None
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file (a folder?): move it away and run python {prepare}")
     if size % 2:
         raise ValueError(f"{path} has an odd number of bytes, not whole uint16 tokens (cut short?): "
                          f"re-create it with python {prepare}")
@@ -147,3 +230,24 @@ def check_token_ids(top, vocab_size, path):
         raise ValueError(f"{path} holds token id {top}, past the model's vocab_size {vocab_size}: the data and the "
                          f"vocabulary (meta.pkl, or the checkpoint's) do not match; re-create it with its prepare.py, "
                          f"or pass the dataset the model was trained on")
+
+
+def check_one_prepare(data_dir, tokens):
+    """train.bin and val.bin must be the pair one prepare wrote together: its STAMP records their token counts.
+    tokens: {'train': n, 'val': n}, as found. Exactly one of them changed means a pair from two prepares: raises
+    ValueError. Both changed: another prepare (nanoGPT's, which writes no stamp) wrote them both; no stamp: bins
+    from before it. Those pass."""
+    path = os.path.join(data_dir, STAMP)
+    try:
+        with open(path, encoding='utf-8') as f:
+            stamp = json.load(f)
+        wrote = {split: int(stamp[f'{split}.bin']) for split in tokens}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    changed = [split for split in tokens if tokens[split] != wrote[split]]
+    if len(changed) == 1:
+        split, other = changed[0], next(s for s in tokens if s != changed[0])
+        prepare = stamp.get('prepare') or os.path.join(data_dir, 'prepare.py')
+        raise ValueError(f"{os.path.join(data_dir, split + '.bin')} has {tokens[split]:,} tokens, but the prepare that "
+                         f"wrote the {other}.bin beside it wrote {wrote[split]:,} ({path}): the two files are from "
+                         f"different prepares; run python {prepare} again")

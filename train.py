@@ -10,6 +10,8 @@ SIGTERM, SIGINT (Ctrl-C) or SIGHUP finish the current iteration, save ckpt.pt an
 
 import os
 import sys
+sys.excepthook = lambda kind, *rest: print("train.py: stopped by Ctrl-C before any training; nothing was written", file=sys.stderr) \
+    if kind is KeyboardInterrupt else sys.__excepthook__(kind, *rest)  # runs.name_failures names more, once imported
 import json
 import math
 import time
@@ -27,8 +29,8 @@ import energy
 import runtime
 import runs
 from model import GPTConfig, GPT, GPT2_VOCAB_SIZE
-from files import (load_checkpoint, load_meta, load_pretrained_embeddings, open_bin, check_token_ids, os_error_text,
-                   write_checkpoint)
+from files import (load_checkpoint, load_meta, load_pretrained_embeddings, open_bin, check_one_prepare, check_token_ids,
+                   os_error_text, write_checkpoint)
 
 if int(os.environ.get('RANK', 0)) > 0:
     sys.stdout = open(os.devnull, 'w')  # under torchrun only the first process prints; errors still reach stderr
@@ -108,6 +110,7 @@ check('gelu', lambda v: v in ('erf', 'tanh'), "'erf' (the exact GELU, as nanoGPT
 check('out_dir', lambda v: v, 'a directory name')
 check('eval_block_size', lambda v: v is None or (type(v) is int and v >= 1), 'an integer >= 1, or None')
 check('chunked_loss', lambda v: v in (None, True, False), 'True, False or None (None: on a CPU only)')
+runs.name_failures(config)  # Ctrl-C while starting, out of memory, a lost DDP peer: one line, not a traceback
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun?
@@ -149,7 +152,7 @@ checkpoint = None
 if init_from == 'resume':  # as in nanoGPT, the checkpoint defines the model: its shape wins over the settings
     try:
         model, checkpoint = load_checkpoint(out_dir, override_args=dict(dropout=dropout, flash_attn=plan.flash_attn))
-        runs.check_resumable(checkpoint, ckpt_path, data_record)
+        runs.check_resumable(checkpoint, ckpt_path, data_record, config)
     except ValueError as e:
         fail(e)
     shape = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'alibi', 'gelu')}
@@ -192,12 +195,11 @@ eval_block_size = eval_block_size or block_size
 if eval_block_size > block_size and not alibi:
     fail(f"eval_block_size={eval_block_size} is larger than block_size={block_size}: learned position "
          f"embeddings cannot go past block_size; use alibi=True or eval_block_size <= {block_size}")
-split_tokens = {}  # tokens in each split, checked again at every batch: a bin replaced under the run is caught
-for split in ('train', 'val'):
-    try:
-        split_tokens[split] = len(open_bin(os.path.join(data_dir, f'{split}.bin'), max(block_size, eval_block_size) + 1))
-    except ValueError as e:
-        fail(e)
+try:  # tokens in each split, checked again at every batch: a bin replaced under the run is caught
+    split_tokens = {s: len(open_bin(os.path.join(data_dir, f'{s}.bin'), max(block_size, eval_block_size) + 1)) for s in ('train', 'val')}
+    check_one_prepare(data_dir, split_tokens)  # not a train.bin and a val.bin of two different prepares
+except ValueError as e:
+    fail(e)
 if hellaswag_interval > 0 and model_args['vocab_size'] < GPT2_VOCAB_SIZE:
     fail(f"hellaswag_interval={hellaswag_interval} needs a model of GPT-2's BPE tokens (vocab_size >= {GPT2_VOCAB_SIZE}), but this "
          f"one has {model_args['vocab_size']} (a character-level dataset?): set hellaswag_interval=0")
@@ -211,7 +213,6 @@ if ddp:  # the processes find each other, each with its own GPU
         device = f'cuda:{ddp_local_rank}'
         torch.cuda.set_device(device)
     init_process_group(backend=backend if device_type == 'cuda' else 'gloo', timeout=timedelta(seconds=ddp_timeout))
-    runs.name_ddp_failures(ddp_timeout, ckpt_path)  # a stalled or lost process: one line, not a traceback
     gradient_accumulation_steps //= ddp_world_size  # each process does its share of the micro-steps
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 print(f"tokens per iteration will be: {tokens_per_iter:,}")
@@ -350,19 +351,20 @@ def stop_on_nonfinite(what, value):
              f"a longer warmup_iters or dtype='bfloat16'")
 
 
-def save_checkpoint():
-    # under FSDP every process sends its shards, and the first one writes
+def save_checkpoint(stopped=False):
+    # under FSDP every process sends its shards, and the first one writes; stopped: a stop signal's save
     model_state, optimizer_state = full_state_dicts(raw_model, optimizer) if fsdp else (raw_model.state_dict(), optimizer.state_dict())
     if not master_process:
         return
     checkpoint = dict(model=model_state, optimizer=optimizer_state, scaler=scaler.state_dict(), model_args=model_args,
-                      iter_num=iter_num, best_val_loss=best_val_loss, config=config, data=data_record)
+                      iter_num=iter_num, best_val_loss=best_val_loss, config=config, data=data_record, stopped=stopped)
     print(f"saving checkpoint to {out_dir}")
     try:
         write_checkpoint(checkpoint, ckpt_path)
-    except OSError as e:
-        fail(f"{e} ({kept_checkpoint()}); free the disk or make {out_dir} writable, then resume with --init_from=resume")
-    runs.forget_previous_run(out_dir)  # the run set aside at the start is replaced for good now
+    except (OSError, ValueError) as e:  # a full or read-only disk; nan or inf weights (ValueError)
+        fail(f"{e} ({kept_checkpoint()}); " + (f"free the disk or make {out_dir} writable, then resume with --init_from=resume"
+             if isinstance(e, OSError) else "try a lower learning_rate, a longer warmup_iters or dtype='bfloat16'"))
+    runs.forget_previous_run(out_dir, stopped)  # a complete checkpoint: the run set aside at the start goes
 
 
 # training loop
@@ -371,14 +373,9 @@ if master_process:  # MFU: achieved FLOP/s over this device's peak (left out whe
     print(f"MFU against {peak_flops / 1e12:.3g} TFLOP/s ({peak_note})" if peak_flops else f"MFU not shown: {peak_note}")
 X, Y = get_train_batch(iter_num, 0)  # the first batch: data that does not fit the model stops here, before any write
 get_batch('val', [0], eval_block_size)
-# the run's directory: one run at a time in it; a resumed run's log holds each iteration once; a new run sets the
-# run it finds there aside until its first checkpoint
-if master_process:
-    try:
-        lock = runs.take_out_dir(out_dir, log_path, resumed=init_from == 'resume', writes=not eval_only, iter_num=iter_num)
-    except (OSError, ValueError) as e:
-        fail(e)
-stop = runs.StopRequest(ddp, device)  # SIGTERM, SIGINT, SIGHUP, or torchrun gone: save at the iteration's end
+# the run's directory: one run at a time; a resumed run's log holds each iteration once; a new run sets the old aside
+lock = runs.take_out_dir(out_dir, log_path, resumed=init_from == 'resume', writes=not eval_only, iter_num=iter_num) if master_process else None
+stop = runs.StopRequest(ddp, kept_checkpoint, ddp_timeout, training=not eval_only)  # SIGTERM, SIGINT, SIGHUP, torchrun gone
 meter = energy.start(device, enabled=measure_energy, ddp=ddp, verbose=master_process, tokens_per_step=tokens_per_iter,
                      step=iter_num)
 t0 = time.time()
@@ -462,11 +459,13 @@ while True:
 
     if why := stop.requested():  # every process stops at this same iteration, with its work saved
         if iter_num != checkpoint_iter:
-            save_checkpoint()
+            save_checkpoint(stopped=True)
         if ddp:
             torch.distributed.barrier()
         fail(f"stopped by {why} at iter {iter_num}: saved {ckpt_path}; resume with --init_from=resume")
 
+if master_process and checkpoint_iter is None and not eval_only:
+    runs.put_back_previous_run(out_dir)  # a run that saved nothing (max_iters=0) leaves the run it found, as nanoGPT
 run_energy = meter.finish(step=iter_num)  # every process: the run's totals, in the last record
 if master_process and run_energy:
     print(energy.summary(run_energy))

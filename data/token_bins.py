@@ -7,7 +7,10 @@ under .tmp names and fsynced; then a journal (prepare.journal) lists them, they 
 SIGINT, SIGTERM or SIGHUP, before the journal is in place removes its .tmp files and leaves the old set
 byte for byte; one stopped after it finishes the renames first. A run killed outright (kill -9, power
 loss) leaves .tmp files, or a journal; the next prepare into that folder removes them (the old set
-stays), or finishes the renames the journal lists (the new set goes in), before it does anything else.
+stays), or finishes the renames the journal lists (the new set goes in), before it does anything else; a
+journal that is not one of ours (damaged, hand-edited) is set aside with the .tmp files, as the new set replaces
+everything anyway. A set that holds train.bin and val.bin also holds bins.json (files.STAMP), their token counts,
+so that train.py can tell a pair from two different prepares.
 """
 
 import itertools
@@ -24,8 +27,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from configurator import fail  # noqa: E402  (the one fail of the project; data scripts import it from there)
+from files import STAMP, Busy, fsync_dir, lock_directory, os_error_text, write_atomically  # noqa: E402
 
-DATASET_FILES = ('train.bin', 'val.bin', 'meta.pkl')  # what train.py reads of data/<dataset>/
+DATASET_FILES = ('train.bin', 'val.bin', 'meta.pkl', STAMP)  # what train.py reads of data/<dataset>/
 JOURNAL = 'prepare.journal'
 
 
@@ -38,23 +42,18 @@ def shown(path):
     return path if relative.startswith('..') else relative
 
 
-def cause(error):
-    """What went wrong, in the words of the OS: 'no space left on device', 'read-only file system', ..."""
-    return os.strerror(error.errno).lower() if error.errno else str(error)
-
-
-def fsync_dir(path):
-    """Make the renames in a folder durable (POSIX; Windows has no handles on folders to do it with)."""
+def read_text(path):
+    """The UTF-8 text of path (a file, or a pipe such as /dev/stdin), or a one-line error naming it."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        fail(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it, e.g. with iconv -f WINDOWS-1252 "
+             f"-t UTF-8")
+    except IsADirectoryError:
+        fail(f"{path} is a folder, not a text file: move it away (the text belongs in a file of that name)")
+    except OSError as e:
+        fail(f"cannot read {path}: {os_error_text(e)}")
 
 
 class Stopped(BaseException):
@@ -79,13 +78,15 @@ class DatasetFiles:
     Entering checks that out_dir can be written, locks it against a second prepare (flock: the kernel
     lets go when the process dies) and clears what a killed run left there (see the module's docstring)."""
 
-    def __init__(self, out_dir, replaces=DATASET_FILES):
+    def __init__(self, out_dir, replaces=DATASET_FILES, kept=''):
         self.dir = out_dir
         self.replaces = tuple(replaces)
         self.tmp = {}    # name -> its .tmp path, registered before the file is created
         self.files = {}  # name -> open file
         self.state = 'idle'
         self.pending = None  # a stop signal that came while committing or cleaning up
+        self.tokens = {}  # name -> uint16 tokens written
+        self.kept = kept  # said after 'the dataset there is unchanged' (fineweb: its shards are kept)
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -100,24 +101,22 @@ class DatasetFiles:
         except FileExistsError:
             fail(f"cannot write the dataset to {where}: it is a file, not a folder")
         except OSError as e:
-            fail(f"cannot create {where}: {cause(e)}")
+            fail(f"cannot create {where}: {os_error_text(e)}")
         if hasattr(os, 'statvfs') and os.statvfs(self.dir).f_flag & os.ST_RDONLY:
             fail(f"cannot write to {where}: read-only file system; the dataset there is unchanged")
         if not os.access(self.dir, os.W_OK):
             fail(f"cannot write to {where}: permission denied; the dataset there is unchanged")
-        self.lock_fd = None
         try:
-            import fcntl
-            self.lock_fd = os.open(self.dir, os.O_RDONLY)
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # Windows: no lock
-            pass
-        except BlockingIOError:
+            self.lock_fd = lock_directory(self.dir)
+        except Busy:
             fail(f"another prepare is writing the dataset in {where} now; wait for it to end (or write elsewhere)")
+        except OSError as e:
+            fail(f"cannot write to {where}: {os_error_text(e)}")
         try:
             self.repair()
         except OSError as e:
-            fail(f"cannot clear what a killed prepare left in {where} ({cause(e)}); see {JOURNAL} and the .tmp files there")
+            fail(f"cannot clear what a killed prepare left in {where} ({os_error_text(e)}); see {JOURNAL} and the .tmp "
+                 f"files there")
         self.pid = os.getpid()
         self.handlers = {}
         if threading.current_thread() is threading.main_thread():
@@ -131,9 +130,18 @@ class DatasetFiles:
     def repair(self):
         """Finish the renames of a run killed while committing, or remove the .tmp files of one killed before."""
         journal = self.path(JOURNAL)
-        if os.path.exists(journal):
-            with open(journal, encoding='utf-8') as f:
-                plan = json.load(f)
+        plan = None
+        if os.path.lexists(journal):
+            try:
+                with open(journal, encoding='utf-8') as f:
+                    plan = json.load(f)
+                assert all(isinstance(n, str) and n in DATASET_FILES + self.replaces for k in ('replace', 'remove') for n in plan[k])
+            except (OSError, ValueError, KeyError, TypeError, AssertionError):  # written atomically: not ours, or damaged
+                os.replace(journal, journal + '.damaged')
+                print(f"{shown(self.dir)}: {JOURNAL} is not a journal this script wrote; moved it to {JOURNAL}.damaged "
+                      f"(the dataset there is replaced whole now)")
+                plan = None
+        if plan is not None:
             for name in plan['replace']:
                 if os.path.exists(self.path(name) + '.tmp'):
                     os.replace(self.path(name) + '.tmp', self.path(name))
@@ -176,6 +184,7 @@ class DatasetFiles:
         if isinstance(data, np.ndarray):
             data = np.ascontiguousarray(data, dtype=np.uint16)
         view = memoryview(data).cast('B')
+        self.tokens[name] = self.tokens.get(name, 0) + view.nbytes // 2
         try:
             while view:
                 view = view[self.files[name].write(view):]
@@ -200,6 +209,9 @@ class DatasetFiles:
         try:
             if kind is None:
                 try:
+                    if 'train.bin' in self.files and 'val.bin' in self.files:  # their stamp, one of the set
+                        self.append(STAMP, json.dumps({'prepare': shown(os.path.abspath(sys.argv[0])), 'train.bin':
+                                    self.tokens['train.bin'], 'val.bin': self.tokens['val.bin']}).encode())
                     for name, f in self.files.items():
                         try:
                             os.fsync(f.fileno())
@@ -218,9 +230,10 @@ class DatasetFiles:
                 os.close(self.lock_fd)  # and with it the lock
         where = shown(self.dir)
         if isinstance(error, WriteFailed):
-            fail(f"cannot write {shown(error.path)}: {cause(error.error)}; the dataset in {where} is unchanged")
+            fail(f"cannot write {shown(error.path)}: {os_error_text(error.error)}; the dataset in {where} is unchanged"
+                 f"{self.kept}")
         if isinstance(error, Stopped):
-            fail(f"stopped by {error} before the new dataset was complete; the dataset in {where} is unchanged")
+            fail(f"stopped by {error} before the new dataset was complete; the dataset in {where} is unchanged{self.kept}")
         if self.pending:
             fail(f"stopped by {self.pending} once the new dataset was in place in {where}")
         return False  # any other error goes on (a fail in the block: its one line)
@@ -234,12 +247,7 @@ class DatasetFiles:
         journal = self.path(JOURNAL)
         self.tmp[JOURNAL] = journal + '.tmp'
         try:
-            with open(journal + '.tmp', 'w', encoding='utf-8') as f:
-                json.dump(plan, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(journal + '.tmp', journal)
-            fsync_dir(self.dir)
+            write_atomically(journal, lambda f: f.write(json.dumps(plan).encode()))
         except OSError as e:
             return WriteFailed(journal, e)
         # from here the new set is whole on disk: a failure is finished by the next run's repair
@@ -254,7 +262,7 @@ class DatasetFiles:
             os.remove(journal)
             fsync_dir(self.dir)
         except OSError as e:
-            fail(f"cannot rename the new dataset into place in {shown(self.dir)} ({cause(e)}); it is complete, "
+            fail(f"cannot rename the new dataset into place in {shown(self.dir)} ({os_error_text(e)}); it is complete, "
                  f"and the next prepare into that folder puts it in place before anything else")
         for name in removed:
             print(f"removed {shown(self.path(name))}: it belonged to the dataset this one replaces")
@@ -320,8 +328,8 @@ def write_dataset(dset, path, num_proc=8, batch_rows=1024, files=None):
     documents at a time, so memory holds one batch whatever the corpus size. With files (an open
     DatasetFiles of path's folder) the file is one of that set; without, it is replaced alone.
     Returns the token count."""
-    if files is None:
-        with DatasetFiles(os.path.dirname(path) or '.', replaces=(os.path.basename(path),)) as files:
+    if files is None:  # one file alone: the pair's stamp no longer holds
+        with DatasetFiles(os.path.dirname(path) or '.', replaces=(os.path.basename(path), STAMP)) as files:
             return write_dataset(dset, path, num_proc, batch_rows, files)
     from datasets import Features, List, Value
     import pyarrow.compute as pc

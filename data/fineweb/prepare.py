@@ -1,5 +1,5 @@
 """
-FineWeb-Edu (HuggingFaceFW/fineweb-edu), educational web pages, in GPT-2 BPE, every document followed by
+FineWeb-Edu (HuggingFaceFW/fineweb-edu), educational web pages, in GPT-2 BPE, every document preceded by
 <|endoftext|> (50256), as build-nanogpt trains on it; by default its sample-10BT subset (9,672,101
 documents, about 10B tokens), streamed from Hugging Face, or read from a local copy (--local_dir: a
 folder of parquet or jsonl files with a `text` column, such as
@@ -9,7 +9,8 @@ train.bin (~19 GB for the whole sample), next to this file.
 It can be left running for hours: the documents are tokenized with every core, shard_docs at a time, and
 each shard is written whole to shards/ and recorded in shards/manifest.json. Stopped in any way (Ctrl-C, a
 dropped connection, a full disk, a reboot), the same command continues after the last shard written and
-ends with the same train.bin and val.bin, byte for byte, as a run that was never stopped.
+ends with the same train.bin and val.bin, byte for byte, as a run that was never stopped. The two replace the
+dataset here together or not at all (token_bins.DatasetFiles).
 """
 import argparse
 import collections
@@ -69,10 +70,12 @@ if args.local_dir is not None:
     n_source_docs = None
     if builder == 'parquet':
         import pyarrow.parquet as pq
-        try:
-            n_source_docs = sum(pq.ParquetFile(f).metadata.num_rows for f in data_files)
-        except Exception as e:  # pyarrow's errors for a damaged file are of several types
-            fail(f"cannot read {data_files[0]} and the rest as parquet ({type(e).__name__}: {e})")
+        n_source_docs = 0
+        for f in data_files:
+            try:
+                n_source_docs += pq.ParquetFile(f).metadata.num_rows
+            except Exception as e:  # pyarrow's errors for a damaged file are of several types
+                fail(f"cannot read {f} as parquet ({type(e).__name__}: {e}); download it again, or remove it")
 else:
     source = {'dataset': 'HuggingFaceFW/fineweb-edu', 'subset': args.subset}
     source_name = f"HuggingFaceFW/fineweb-edu ({args.subset})"
@@ -82,7 +85,8 @@ total_docs = min(filter(None, (n_source_docs, args.max_docs)), default=None)
 # the shards done so far: reused when they were made from the same documents with the same settings
 shard_dir = os.path.join(here, 'shards')
 manifest_path = os.path.join(shard_dir, 'manifest.json')
-settings = {'source': source, 'val_every': args.val_every, 'shard_docs': args.shard_docs, 'encoding': 'gpt2'}
+settings = {'source': source, 'val_every': args.val_every, 'shard_docs': args.shard_docs, 'encoding': 'gpt2',
+            'endoftext': 'before each document'}
 S = args.shard_docs
 
 
@@ -95,11 +99,11 @@ if os.path.exists(manifest_path):
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
-        manifest_settings, manifest_shards = manifest['settings'], manifest['shards']
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        fail(f"{manifest_path} is unreadable ({type(e).__name__}); delete {shard_dir} to start over")
-    if manifest_settings != settings:
+        manifest_settings, manifest_shards = manifest['settings'], list(manifest['shards'])
         differ = ', '.join(k for k in settings if settings[k] != manifest_settings.get(k))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        fail(f"{manifest_path} is unreadable ({type(e).__name__}); delete {shard_dir} to start over")
+    if differ:
         fail(f"{shard_dir} holds the shards of another prep (its {differ} differ); run that prep's command to "
              f"continue it, or delete {shard_dir} to start over")
     for k, shard in enumerate(manifest_shards):
@@ -107,26 +111,22 @@ if os.path.exists(manifest_path):
         if args.max_docs is not None and first >= args.max_docs:
             break
         wanted = S if args.max_docs is None else min(S, args.max_docs - first)
-        whole = all(os.path.exists(p) and os.path.getsize(p) == 2 * shard[f'{split}_tokens'] for split, p in shard_paths(k).items())
-        # a shard cut short by an earlier --max_docs is made again; one where the documents ended is the end
-        if not whole or not (shard['docs'] == wanted or (shard['end'] and shard['docs'] < wanted)):
+        try:
+            whole = all(os.path.exists(p) and os.path.getsize(p) == 2 * shard[f'{split}_tokens'] for split, p in shard_paths(k).items())
+            # a shard cut short by an earlier --max_docs is made again; one where the documents ended is the end
+            if not whole or not (shard['docs'] == wanted or (shard['end'] and shard['docs'] < wanted)):
+                break
+            shard['stream_state']
+        except (KeyError, TypeError):  # a hand-edited entry: the shards from it on are made again
+            print(f"{manifest_path}: shard {k} is not as this script writes it; making it again from there")
             break
         shards.append(shard)
         if shard['end'] or shard['docs'] < S:
             break
 
 
-def write_whole(path, write):
-    """write(f) into path.tmp, flushed to the disk, then renamed: path is never a partial file."""
-    with open(path + '.tmp', 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)
-
-
 def save_manifest():
-    write_whole(manifest_path, lambda f: f.write(json.dumps({'settings': settings, 'shards': shards}, indent=1).encode()))
+    write_atomically(manifest_path, lambda f: f.write(json.dumps({'settings': settings, 'shards': shards}, indent=1).encode()))
 
 
 def finished():
@@ -134,18 +134,19 @@ def finished():
     return bool(shards) and (shards[-1]['end'] or shards[-1]['docs'] < S or docs == args.max_docs)
 
 
-from token_bins import gpt2_encoding  # noqa: E402 (after the arguments: --help stays quick)
+from files import os_error_text, write_atomically  # noqa: E402 (after the arguments: --help stays quick)
+from token_bins import DatasetFiles, gpt2_encoding  # noqa: E402
 import numpy as np  # noqa: E402
 
 enc = gpt2_encoding()
 
 
 def tokenize(batch):
-    """(index of the first document, texts) -> (train, val) token ids as uint16 bytes, each document then <|endoftext|>."""
+    """(index of the first document, texts) -> (train, val) token ids as uint16 bytes, each document after <|endoftext|>."""
     first, texts = batch
     ids = {'train': [], 'val': []}
     for i, text in enumerate(texts, first):
-        ids['val' if i % args.val_every == 0 else 'train'] += enc.encode_ordinary(text) + [enc.eot_token]
+        ids['val' if i % args.val_every == 0 else 'train'] += [enc.eot_token] + enc.encode_ordinary(text)
     return {split: np.array(split_ids, dtype=np.uint16).tobytes() for split, split_ids in ids.items()}
 
 
@@ -183,13 +184,24 @@ if not finished():
     stream = iter(records)
 
     def stop(msg):
-        """fail(msg), with the stream closed first: a generator left open complains while the interpreter shuts down."""
+        """fail(msg), with the stream and the progress bar closed first: a generator left open complains while the
+        interpreter shuts down, and a bar would be drawn after the message."""
         pool.terminate()
+        if 'bar' in globals():
+            bar.close()
         try:
             stream.close()
         except Exception:
             pass
         fail(msg)
+
+    def file_at_fault():
+        """The local file the stream was reading (its state names the file by index), or the folder."""
+        state = records.state_dict()
+        while isinstance(state, dict) and 'shard_idx' not in state:
+            state = state.get('examples_iterable')
+        index = state.get('shard_idx') if isinstance(state, dict) else None
+        return data_files[index] if isinstance(index, int) and 0 <= index < len(data_files) else args.local_dir
 
     def read(n, first):
         try:
@@ -197,9 +209,14 @@ if not finished():
         except KeyError:
             stop(f"the documents of {source_name} have no 'text' column")
         except Exception as e:  # a dropped connection surfaces as requests', aiohttp's or fsspec's errors
-            raise StreamBroke(f"{type(e).__name__}: {e}") from None
-        if not all(isinstance(t, str) for t in texts):
-            stop(f"document {first + next(i for i, t in enumerate(texts) if not isinstance(t, str)):,} of {source_name} has no text")
+            text = (str(e).strip().splitlines() or [''])[0][:200]
+            if args.local_dir is not None:  # a file that does not read now will not read on the next run either
+                stop(f"cannot read {file_at_fault()} ({type(e).__name__}: {text}); repair or remove that file "
+                     f"({len(shards)} shard(s) done are kept in {shard_dir})")
+            raise StreamBroke(f"{type(e).__name__}: {text}") from None
+        if (bad := next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)) is not None:
+            stop(f"document {first + bad:,} of {file_at_fault() if args.local_dir else source_name} has no text (its 'text' is {texts[bad]!r}, not a string); "
+                 f"remove it or give it text")
         return texts
 
     from tqdm import tqdm
@@ -270,7 +287,7 @@ if not finished():
             stop(f"reading {source_name} broke at shard {k} ({e}); {kept}: run the same command to continue")
         if e.errno == 28:  # ENOSPC
             stop(f"the disk is full (writing in {shard_dir}); {kept}: free some space and run the same command to continue")
-        stop(f"cannot write shard {k} to {shard_dir} ({type(e).__name__}: {e}); {kept}: run the same command to continue")
+        stop(f"cannot write shard {k} to {shard_dir} ({os_error_text(e)}); {kept}: run the same command to continue")
     bar.close()
     stream.close()
     pool.close()
@@ -282,23 +299,13 @@ if n_tokens['train'] == 0:
     fail(f"only {n_docs} document(s), all in val (every {args.val_every}th goes there): train would be empty")
 
 
-def concatenate(split):
-    def write(f):
+# train.bin and val.bin replace the dataset here together, or (a full disk, a signal, a kill) not at all
+with DatasetFiles(here, kept=f"; the shards are kept in {shard_dir}: run the same command to write it") as dataset:
+    for split in ('train', 'val'):
         for k in range(len(shards)):
             with open(shard_paths(k)[split], 'rb') as shard_file:
-                shutil.copyfileobj(shard_file, f, 1 << 24)
-    return write
-
-
-try:
-    for split in ('train', 'val'):
-        write_whole(os.path.join(here, f'{split}.bin'), concatenate(split))
-except OSError as e:
-    for split in ('train', 'val'):
-        if os.path.exists(os.path.join(here, f'{split}.bin.tmp')):
-            os.remove(os.path.join(here, f'{split}.bin.tmp'))
-    fail(f"cannot write {split}.bin ({type(e).__name__}: {e}); the shards are kept in {shard_dir}: "
-         f"{'free some space and ' if e.errno == 28 else ''}run the same command to write it")
+                while chunk := shard_file.read(1 << 24):
+                    dataset.append(f'{split}.bin', chunk)
 print(f"train.bin: {n_tokens['train']:,} tokens, val.bin: {n_tokens['val']:,} tokens, from {n_docs:,} documents")
 if not args.keep_shards:
     try:

@@ -12,7 +12,7 @@ import urllib.request
 root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [root, os.path.join(root, 'data')]
 from configurator import fail  # noqa: E402
-from token_bins import DatasetFiles, encode_text, gpt2_encoding  # noqa: E402
+from token_bins import DatasetFiles, encode_text, gpt2_encoding, read_text  # noqa: E402
 
 argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 here = os.path.dirname(os.path.abspath(__file__))
@@ -25,8 +25,7 @@ if not os.path.exists(input_file_path):
         fail(f"cannot download {data_url} ({e}); put Tiny Shakespeare at {input_file_path} instead")
     os.replace(input_file_path + '.tmp', input_file_path)
 
-with open(input_file_path, encoding='utf-8') as f:
-    data = f.read()
+data = read_text(input_file_path)
 n = len(data)
 train_data = data[:int(n * 0.9)]
 val_data = data[int(n * 0.9):]

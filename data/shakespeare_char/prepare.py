@@ -15,7 +15,8 @@ argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescrip
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(here)), os.path.dirname(here)]
 from configurator import fail  # noqa: E402
-from token_bins import DatasetFiles, cause  # noqa: E402
+from files import os_error_text  # noqa: E402
+from token_bins import DatasetFiles, read_text  # noqa: E402
 
 input_path = os.path.join(here, 'input.txt')
 if not os.path.exists(input_path):
@@ -34,10 +35,9 @@ if not os.path.exists(input_path):
     except OSError as e:
         if os.path.exists(input_path + '.tmp'):
             os.remove(input_path + '.tmp')
-        fail(f"cannot write {input_path}: {cause(e)}")
+        fail(f"cannot write {input_path}: {os_error_text(e)}")
 
-with open(input_path, 'r', encoding='utf-8') as f:
-    data = f.read()
+data = read_text(input_path)
 print(f"length of dataset in characters: {len(data):,}")
 
 chars = sorted(set(data))

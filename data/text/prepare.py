@@ -15,7 +15,8 @@ import numpy as np
 root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [root, os.path.join(root, 'data')]
 from configurator import fail  # noqa: E402
-from token_bins import DatasetFiles, cause, check_vocab_fits, encode_text, gpt2_encoding  # noqa: E402
+from files import os_error_text  # noqa: E402
+from token_bins import DatasetFiles, check_vocab_fits, encode_text, gpt2_encoding, read_text  # noqa: E402
 
 here = os.path.dirname(os.path.abspath(__file__))
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +39,7 @@ def text_files(folder):
     reached by two paths is read once. A folder named *.txt is a folder: it is searched, like any other.
     Names starting with '.' are left out, as glob leaves them out."""
     def unreadable(e):
-        fail(f"cannot read the folder {e.filename}: {cause(e)}")
+        fail(f"cannot read the folder {e.filename}: {os_error_text(e)}")
     paths, seen_folders = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         st = os.stat(dirpath)
@@ -64,21 +65,13 @@ if os.path.isdir(args.input):
     files = text_files(args.input)
     if not files:
         fail(f"no .txt files in the folder {args.input}")
-elif os.path.isfile(args.input):
+elif os.path.exists(args.input):  # a file, or a pipe (/dev/stdin) or device to read to its end
     files = [args.input]
 elif os.path.islink(args.input):
     fail(broken_link(args.input))
 else:
     fail(f"no file or folder {args.input}")
-docs = []
-for path in files:
-    try:
-        with open(path, encoding='utf-8') as f:
-            docs.append(f.read())
-    except UnicodeDecodeError as e:
-        fail(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it, e.g. with iconv")
-    except OSError as e:
-        fail(f"cannot read {path}: {cause(e)}")
+docs = [read_text(path) for path in files]
 if not any(docs):
     fail(f"empty input: {args.input} holds no text")
 if not any(doc.strip() for doc in docs):
