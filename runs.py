@@ -2,6 +2,7 @@
 A training run's directory and its life, for train.py: one run at a time in an out_dir, the run before it set
 aside rather than deleted, a log that holds each iteration once, the data a checkpoint was trained on, and stop
 requests (SIGTERM, SIGINT, SIGHUP, or torchrun gone) that every process honours at the same iteration.
+torch is imported where it is used: the run directory's steps run (and are tested) without it.
 """
 import json
 import os
@@ -10,8 +11,6 @@ import signal
 import sys
 import time
 from datetime import timedelta
-
-import torch
 
 from configurator import fail
 from files import Busy, fsync_dir, lock_directory, os_error_text, same_vocabulary, write_atomically
@@ -198,6 +197,7 @@ def recover(out_dir):
 def complete(ckpt_path):
     """Whether ckpt_path is a whole checkpoint saved at an evaluation or at a run's end (nanoGPT's are), not by a
     stop signal. Memory-mapped: a large one is not read."""
+    import torch
     try:
         checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
         return isinstance(checkpoint, dict) and 'model' in checkpoint and not checkpoint.get('stopped')
@@ -272,6 +272,7 @@ class StopRequest:
         self.ddp, self.kept, self.why, self.when = ddp, kept, None, 0.0
         self.parent = os.getppid()
         if ddp:
+            import torch
             self.group = torch.distributed.new_group(backend='gloo', timeout=timedelta(seconds=timeout))
             self.flag, self.pending = torch.zeros(1), None
         for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, 'SIGHUP', None)):
@@ -292,6 +293,7 @@ class StopRequest:
             self.why = 'the end of torchrun (its process is gone)'
         if not self.ddp:
             return self.why
+        import torch
         agreed = False
         if self.pending is not None:  # the reduction started at the last boundary: long done
             self.pending.wait()

@@ -92,7 +92,7 @@ def test_write_stream_splits_any_iterable_of_records(tmp_path):
     assert np.array_equal(read_bin(tmp_path / 'val.bin'), bpe_stream(val_docs))
     assert np.array_equal(read_bin(tmp_path / 'train.bin'), bpe_stream(train_docs))
     assert n_tokens == {'train': len(bpe_stream(train_docs)), 'val': len(bpe_stream(val_docs))}
-    assert sorted(os.listdir(tmp_path)) == ['train.bin', 'val.bin']
+    assert sorted(os.listdir(tmp_path)) == ['bins.json', 'train.bin', 'val.bin']
 
 
 def test_write_stream_refuses_empty_input_and_an_empty_train_split(tmp_path):
@@ -324,7 +324,7 @@ def old_set(repo, out, *args):
     """out holding a character-level dataset (train.bin, val.bin, meta.pkl): its files' bytes."""
     (repo / 'old.txt').write_text(TEXT * 100, encoding='utf-8')
     run(PREPARE, repo / 'old.txt', '--char', '--out_dir', out, *args, cwd=repo).check_returncode()
-    assert sorted(os.listdir(out)) == ['meta.pkl', 'train.bin', 'val.bin']
+    assert sorted(os.listdir(out)) == ['bins.json', 'meta.pkl', 'train.bin', 'val.bin']
     return files_of(out)
 
 
@@ -341,7 +341,7 @@ def test_own_text_on_a_full_disk_keeps_the_old_set(tmp_path, args, fails_at):
         assert files_of(out) == old  # byte for byte, meta.pkl too, and no .tmp left
         # and a BPE set (26 KB) that fits replaces the character set, meta.pkl included
         run(PREPARE, repo / 'old.txt', '--out_dir', out, cwd=repo).check_returncode()
-        assert sorted(os.listdir(out)) == ['train.bin', 'val.bin']
+        assert sorted(os.listdir(out)) == ['bins.json', 'train.bin', 'val.bin']
 
 
 def test_own_text_into_a_read_only_or_impossible_place_is_one_line(tmp_path):
@@ -468,13 +468,13 @@ def test_a_run_killed_between_renames_is_finished_by_the_next(tmp_path):
     old = old_set(repo, out)
     killed = subprocess.run([sys.executable, '-c', KILLED_BETWEEN_RENAMES, repo, out], capture_output=True, text=True)
     assert killed.returncode == 9, killed.stderr
-    assert sorted(os.listdir(out)) == ['meta.pkl', 'prepare.journal', 'train.bin', 'val.bin', 'val.bin.tmp']
+    assert sorted(os.listdir(out)) == ['bins.json.tmp', 'meta.pkl', 'prepare.journal', 'train.bin', 'val.bin', 'val.bin.tmp']
     assert files_of(out)['val.bin'] == old['val.bin']  # a mixed set, until...
     (repo / 'one.txt').write_text('x')
     result = run(PREPARE, repo / 'one.txt', '--char', '--out_dir', out, cwd=repo)  # ...any run into out: this one fails
     assert_one_line_error(result, PREPARE, 'train split is empty')
     assert 'put in place the dataset (train.bin, val.bin)' in result.stdout
-    assert sorted(os.listdir(out)) == ['train.bin', 'val.bin']  # the killed run's set, whole
+    assert sorted(os.listdir(out)) == ['bins.json', 'train.bin', 'val.bin']  # the killed run's set, whole
     assert np.array_equal(read_bin(out / 'train.bin'), np.arange(1000)) and np.array_equal(read_bin(out / 'val.bin'),
                                                                                          np.arange(100))
 

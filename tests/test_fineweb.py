@@ -66,17 +66,18 @@ def prepared(tmp_path_factory, corpus):
 
 def expected_bins(texts):
     """What the bins must hold: every VAL_EVERY-th document by index in val (the first one included), the rest in
-    train, each as its GPT-2 BPE ids then <|endoftext|>, as uint16."""
+    train, each as <|endoftext|> then its GPT-2 BPE ids (build-nanogpt's fineweb.py: the token starts a document), as
+    uint16."""
     import numpy as np
     import tiktoken
     enc = tiktoken.get_encoding('gpt2')
     ids = {'train': [], 'val': []}
     for i, text in enumerate(texts):
-        ids['val' if i % VAL_EVERY == 0 else 'train'] += enc.encode_ordinary(text) + [50256]
+        ids['val' if i % VAL_EVERY == 0 else 'train'] += [50256] + enc.encode_ordinary(text)  # build-nanogpt's order
     return {split: np.array(split_ids, dtype=np.uint16).tobytes() for split, split_ids in ids.items()}
 
 
-def test_prep_writes_every_document_then_endoftext_with_a_fixed_val_split(prepared, corpus):
+def test_prep_writes_endoftext_then_every_document_with_a_fixed_val_split(prepared, corpus):
     repo, stdout = prepared
     expected = expected_bins(corpus[1])
     assert bins(repo) == expected
@@ -159,7 +160,8 @@ def test_prep_whose_reading_breaks_mid_way_resumes_once_it_reads_again(tmp_path,
     repo = copy_repo(tmp_path / 'repo')
     args = [f'--local_dir={folder}', f'--shard_docs={SHARD_DOCS}', f'--val_every={VAL_EVERY}', '--num_proc=1']
     result = run_script(repo, repo / PREP, *args, timeout=120)
-    assert_one_line_error(result, PREP, 'reading ', 'broke at shard', 'are kept', 'run the same command to continue')
+    assert_one_line_error(result, PREP, f'cannot read {folder}/001.jsonl', 'repair, re-download or remove that file',
+                          'are kept', 'run the same command to continue')  # the file named, not a stream that broke
     assert 0 < shards_in_manifest(repo) < 200 // SHARD_DOCS + 1
     # the file is mended (the connection is back): the prep continues and ends as one that never broke
     (folder / '001.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts[120:]))

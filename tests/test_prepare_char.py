@@ -44,7 +44,7 @@ def test_prepare_writes_character_bins_and_meta(tmp_path):
     assert len(train) == int(len(text) * 0.9)
     assert ''.join(meta['itos'][i] for i in np.concatenate([train, val])) == text
     assert os.path.getsize(out / 'train.bin') == 2 * len(train)  # raw uint16, no header
-    assert sorted(os.listdir(out)) == ['input.txt', 'meta.pkl', 'prepare.py', 'train.bin', 'val.bin']  # no .tmp
+    assert sorted(os.listdir(out)) == ['bins.json', 'input.txt', 'meta.pkl', 'prepare.py', 'train.bin', 'val.bin']  # no .tmp
 
 
 def test_same_files_and_output_as_nanogpts_prepare(tmp_path):
@@ -88,5 +88,5 @@ def test_a_full_disk_leaves_the_old_set_byte_for_byte(tmp_path):
         (out / 'input.txt').write_text(TEXT * 60, encoding='utf-8')
         run_script(tmp_path, SCRIPT, check=True)
         assert len(np.fromfile(out / 'train.bin', dtype=np.uint16)) == int(len(TEXT * 60) * 0.9)
-        assert sorted(os.listdir(out)) == ['input.txt', 'meta.pkl', 'prepare.py', 'train.bin', 'val.bin']
+        assert sorted(os.listdir(out)) == ['bins.json', 'input.txt', 'meta.pkl', 'prepare.py', 'train.bin', 'val.bin']
 

@@ -211,8 +211,8 @@ if not finished():
         except Exception as e:  # a dropped connection surfaces as requests', aiohttp's or fsspec's errors
             text = (str(e).strip().splitlines() or [''])[0][:200]
             if args.local_dir is not None:  # a file that does not read now will not read on the next run either
-                stop(f"cannot read {file_at_fault()} ({type(e).__name__}: {text}); repair or remove that file "
-                     f"({len(shards)} shard(s) done are kept in {shard_dir})")
+                stop(f"cannot read {file_at_fault()} ({type(e).__name__}: {text}); repair, re-download or remove that "
+                     f"file, then run the same command to continue ({len(shards)} shard(s) are kept in {shard_dir})")
             raise StreamBroke(f"{type(e).__name__}: {text}") from None
         if (bad := next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)) is not None:
             stop(f"document {first + bad:,} of {file_at_fault() if args.local_dir else source_name} has no text (its 'text' is {texts[bad]!r}, not a string); "
