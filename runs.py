@@ -191,7 +191,9 @@ def recover(out_dir):
         back = _move_back(out_dir)
         print(f"{out_dir}: put back {', '.join(back) or 'nothing'} from {os.path.join(out_dir, MOVING)}/, left there "
               f"by a run killed while it set a run aside")
-    _drop_previous(out_dir)
+    if os.path.lexists(os.path.join(out_dir, DROPPING)):
+        _remove_dir(os.path.join(out_dir, DROPPING))
+        fsync_dir(out_dir)
 
 
 def complete(ckpt_path):
