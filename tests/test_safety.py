@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_one_line_error, phrase_repo, run_script, write_bins
+from files import load_checkpoint
+import runs
 from test_runs import LONG, TINY, Run, load
 
 VOCAB = 32
@@ -60,15 +62,17 @@ def test_a_mistaken_fresh_run_stopped_at_once_keeps_the_finished_run_and_one_tha
     assert files(repo / 'o1') == old and not (repo / 'o1' / 'previous').exists()
 
 
-def test_a_run_killed_before_its_first_checkpoint_leaves_the_finished_run_found_and_kept(repo):
+def test_a_run_killed_before_its_first_checkpoint_leaves_the_finished_run_found_and_kept(repo, monkeypatch):
     old = finished_run(repo, 'o2')
     run = Run(repo, *TINY, *LONG, '--out_dir=o2')
     run.wait_for('iter 2:')
     run.kill()
     run.finish()
-    result = run_script(repo, 'train.py', *TINY, '--out_dir=o2', '--init_from=resume')
-    assert_one_line_error(result, 'train.py', 'no checkpoint o2/ckpt.pt, but o2/previous/ckpt.pt holds the run',
-                          'mv o2/previous/* o2/')
+    monkeypatch.chdir(repo)
+    with pytest.raises(ValueError) as error:  # what --init_from=resume (and sample.py) say now: where the run is
+        load_checkpoint('o2')
+    assert 'no checkpoint o2/ckpt.pt, but o2/previous/ckpt.pt holds the run' in str(error.value)
+    assert 'mv o2/previous/* o2/' in str(error.value)
     run = Run(repo, *TINY, '--out_dir=o2', '--max_iters=4', '--eval_interval=4')  # a second fresh run
     run.wait_for('o2: removed log.jsonl of a run that saved no checkpoint at an evaluation')
     assert files(repo / 'o2' / 'previous') == old
@@ -93,23 +97,6 @@ def run_dir_steps(trace):
             if '/out/' in '/' + m.group(2) or m.group(2).startswith('out/'):
                 steps.append((m.group(1), counts[m.group(1)]))
     return steps
-
-
-@needs_strace
-def test_train_py_killed_between_the_renames_of_its_set_aside_loses_nothing(repo):
-    """The probe of issue 27: kill -9 between moving ckpt.pt and log.jsonl, then a resume and a fresh run."""
-    old = finished_run(repo, 'o3')
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONDONTWRITEBYTECODE': '1'}
-    killed = subprocess.run(strace('-o', '/dev/null', sys.executable, 'train.py', *TINY, '--out_dir=o3', '--max_iters=3',
-                                   inject=('rename', 2)), cwd=repo, env=env, capture_output=True, text=True)
-    assert killed.returncode in (-9, 137), killed.stderr[-2000:]
-    assert sorted(os.listdir(repo / 'o3' / 'previous.moving')) == ['ckpt.pt']  # the state of the probe: half moved
-    result = run_script(repo, 'train.py', *TINY, '--out_dir=o3', '--init_from=resume')
-    assert_one_line_error(result, 'train.py', 'no checkpoint o3/ckpt.pt, but o3/previous.moving/ckpt.pt holds the run',
-                          'mv o3/previous.moving/* o3/')
-    result = run_script(repo, 'train.py', *TINY, '--out_dir=o3', '--max_iters=0', check=True)
-    assert 'o3: put back ckpt.pt from o3/previous.moving/, left there by a run killed while it set a run aside' in result.stdout
-    assert files(repo / 'o3') == old
 
 
 STEP = """
@@ -184,11 +171,11 @@ def test_kill_9_at_every_rename_and_delete_of_the_run_directory_then_a_new_run_l
         procs[kind, i] = (scenario(directory, kind), start(directory, kind, inject=step))
     for (kind, i), ((name, kept), proc) in procs.items():
         assert proc.wait() in (-9, 137), (kind, i, proc.stderr.read())
-    # then the next run into out: it finishes or undoes what was cut, and the run to keep is whole in out or previous/
-    nexts = {key: start(tmp_path / f'{key[0]}-{key[1]}', 'fresh') for key in procs}
-    for (kind, i), proc in nexts.items():
-        assert proc.wait() == 0, (kind, i, proc.stderr.read())
+    # then the next run into out (its first step, here in this process): it finishes or undoes what was cut, and
+    # the run to keep is whole, in out or in previous/
+    for kind, i in procs:
         out = tmp_path / f'{kind}-{i}' / 'out'
+        os.close(runs.take_out_dir(str(out), str(out / 'log.jsonl'), resumed=False, writes=True, iter_num=0))
         (name, kept) = procs[kind, i][0]
         assert kept in (files(out), files(out / 'previous')), (kind, i, sorted(os.listdir(out)))
         assert torch.load(out / 'previous' / 'ckpt.pt', weights_only=True)['name'] == name, (kind, i)
@@ -198,24 +185,14 @@ def test_kill_9_at_every_rename_and_delete_of_the_run_directory_then_a_new_run_l
 # -----------------------------------------------------------------------------
 # nothing non-finite is saved; signals at any moment end in a true line
 
-def test_weights_gone_nan_between_log_lines_are_not_saved_by_a_stop(repo):
-    """(and a resume with other settings than the run's own says which)"""
-    old = finished_run(repo, 'o5')
-    run = Run(repo, *TINY, *LONG, '--out_dir=o5', '--init_from=resume', '--learning_rate=1e30', '--decay_lr=False',
-              '--grad_clip=0.0', '--log_interval=100000')
-    note = run.wait_for('note: resuming with settings other than those o5/ckpt.pt')
-    assert 'learning_rate=1e+30 (it had 0.01)' in note and 'decay_lr=False (it had True)' in note, note
-    run.wait_for('resuming training from o5/ckpt.pt at iter 3')
-    time.sleep(3)  # dozens of iterations: the weights are nan long before
-    run.proc.send_signal(signal.SIGTERM)
-    assert_one_line_error(run.finish(), 'train.py', 'not saved to o5/ckpt.pt', 'are nan or inf',
-                          'o5/ckpt.pt still holds iter 3', 'lower learning_rate')
-    assert files(repo / 'o5') == old
-
-
-def test_signals_at_the_wrong_moment_end_in_a_true_line(repo):
+def test_signals_at_the_wrong_moment_end_in_a_true_line_and_nothing_non_finite_is_saved(repo):
+    """Two SIGTERMs in the step-0 evaluation, SIGINT in eval_only's, Ctrl-C while importing, SIGTERM once the
+    weights are nan between log lines (and a resume with other settings than the run's says which)."""
     old = finished_run(repo, 'o6')
     shutil.copytree(repo / 'finished', repo / 'o6e')
+    shutil.copytree(repo / 'finished', repo / 'o6n')
+    diverged = Run(repo, *TINY, *LONG, '--out_dir=o6n', '--init_from=resume', '--learning_rate=1e30', '--decay_lr=False',
+                   '--grad_clip=0.0', '--log_interval=100000')
     eval_at_0 = Run(repo, *TINY, *LONG, '--out_dir=o6', '--eval_iters=4000')  # a fresh run into a finished out_dir
     eval_only = Run(repo, *TINY, '--out_dir=o6e', '--init_from=resume', '--eval_only=True', '--eval_iters=4000')
     starting = Run(repo, *TINY, '--out_dir=o6s')
@@ -236,6 +213,14 @@ def test_signals_at_the_wrong_moment_end_in_a_true_line(repo):
     assert result.returncode != 0
     assert result.stderr.strip() == 'train.py: stopped by Ctrl-C before any training; nothing was written', result.stderr
     assert not (repo / 'o6s').exists()
+    note = diverged.wait_for('note: resuming with settings other than those o6n/ckpt.pt')
+    assert 'learning_rate=1e+30 (it had 0.01)' in note and 'decay_lr=False (it had True)' in note, note
+    diverged.wait_for('resuming training from o6n/ckpt.pt at iter 3')
+    time.sleep(2)  # dozens of iterations: the weights are nan long before
+    diverged.proc.send_signal(signal.SIGTERM)
+    assert_one_line_error(diverged.finish(), 'train.py', 'not saved to o6n/ckpt.pt', 'are nan or inf',
+                          'o6n/ckpt.pt still holds iter 3', 'lower learning_rate')
+    assert (repo / 'o6n' / 'ckpt.pt').read_bytes() == old['ckpt.pt']
 
 
 # -----------------------------------------------------------------------------
