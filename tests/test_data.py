@@ -15,6 +15,7 @@ from conftest import ROOT, SHARED, assert_one_line_error, copy_repo, exit_messag
 
 sys.path.insert(0, os.path.join(ROOT, 'data'))
 import token_bins  # noqa: E402
+from files import check_one_prepare  # noqa: E402
 from model import GPT, GPTConfig, fit_pretrained_embeddings  # noqa: E402
 
 SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare', 'input.txt')
@@ -470,6 +471,8 @@ def test_a_run_killed_between_renames_is_finished_by_the_next(tmp_path):
     assert killed.returncode == 9, killed.stderr
     assert sorted(os.listdir(out)) == ['bins.json.tmp', 'meta.pkl', 'prepare.journal', 'train.bin', 'val.bin', 'val.bin.tmp']
     assert files_of(out)['val.bin'] == old['val.bin']  # a mixed set, until...
+    with pytest.raises(ValueError, match='the two files are from different prepares'):  # ...which train.py refuses
+        check_one_prepare(str(out), {'train': 1000, 'val': len(old['val.bin']) // 2})
     (repo / 'one.txt').write_text('x')
     result = run(PREPARE, repo / 'one.txt', '--char', '--out_dir', out, cwd=repo)  # ...any run into out: this one fails
     assert_one_line_error(result, PREPARE, 'train split is empty')
@@ -516,3 +519,41 @@ def test_own_text_folder_with_a_broken_link_names_it(tmp_path, text_folder):
     assert_one_line_error(run(PREPARE, folder / 'sub' / 'gone.txt', '--out_dir', tmp_path / 'out'), PREPARE,
                           'gone.txt is a link to moved_away.txt, which does not exist')
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('journal', ['', '{}', '{"replace": ["../../etc/passwd"], "remove": []}'])
+def test_a_damaged_or_hand_edited_journal_is_set_aside_and_the_prepare_goes_on(tmp_path, journal):
+    repo = copy_repo(tmp_path / 'repo')
+    out = tmp_path / 'out'
+    old_set(repo, out)
+    (out / 'prepare.journal').write_text(journal)
+    (repo / 'new.txt').write_text(TEXT * 50, encoding='utf-8')
+    result = run(PREPARE, repo / 'new.txt', '--out_dir', out, cwd=repo)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'prepare.journal is not a journal this script wrote; moved it to prepare.journal.damaged' in result.stdout
+    assert sorted(os.listdir(out)) == ['bins.json', 'prepare.journal.damaged', 'train.bin', 'val.bin']
+    assert (out / 'prepare.journal.damaged').read_text() == journal
+
+
+def test_the_stamp_refuses_only_a_pair_of_two_prepares(tmp_path):
+    """bins.json holds the counts one prepare wrote: one file changed is a mixed pair; both changed is a pair some
+    other prepare wrote (nanoGPT's writes no stamp) and passes, as bins without a stamp do."""
+    (tmp_path / 'bins.json').write_text('{"prepare": "data/x/prepare.py", "train.bin": 100, "val.bin": 10}')
+    check_one_prepare(str(tmp_path), {'train': 100, 'val': 10})
+    check_one_prepare(str(tmp_path), {'train': 300, 'val': 30})
+    with pytest.raises(ValueError, match=r'train.bin has 101 tokens, but the prepare that wrote the val.bin beside it '
+                                         r'wrote 100 .*: the two files are from different prepares; run python '
+                                         r'data/x/prepare.py again'):
+        check_one_prepare(str(tmp_path), {'train': 101, 'val': 10})
+    os.remove(tmp_path / 'bins.json')
+    check_one_prepare(str(tmp_path), {'train': 101, 'val': 10})
+
+
+def test_own_text_from_a_pipe(tmp_path):
+    """/dev/stdin (a link to a pipe, no path) is read as a text, not called a broken link."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, PREPARE), '/dev/stdin', '--char', '--out_dir', tmp_path],
+                            input=TEXT * 20, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    meta = pickle.load(open(tmp_path / 'meta.pkl', 'rb'))
+    assert ''.join(meta['itos'][i] for i in np.concatenate([read_bin(tmp_path / 'train.bin'),
+                                                            read_bin(tmp_path / 'val.bin')])) == TEXT * 20

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -249,6 +250,77 @@ def test_config_trains_end_to_end_on_cpu_with_hellaswag_a_checkpoint_a_resume_an
     plot = run_script(repo, 'plot.py', f'--out_dirs={out_dir}', f'--out={png}', '--gpt2_val_loss=3.29',
                       '--reference=GPT-3 124M=0.337', check=True, timeout=120)
     hellaswag_last = [r for r in records if r.get('step') == 6 and 'hellaswag_acc_norm' in r][-1]['hellaswag_acc_norm']
-    assert f"out: 6 iterations (3 logged), 3 evaluations" in plot.stdout  # iterations 0, 2, 4 logged; 6 trained
+    assert "out: 6 iterations (3 logged), 3 evaluations" in plot.stdout  # iterations 0, 2, 4 logged; 6 trained
     assert f"HellaSwag acc_norm {hellaswag_last:.4f} at step 6" in plot.stdout
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_prep_names_the_bad_local_file_or_document_in_one_line(tmp_path, corpus):
+    """Local input that no rerun can mend: a line that is not JSON, a null text, texts that are numbers, the
+    second of three parquet files cut short. Each prep runs beside the others."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    cases = {}
+    for name, lines in (('not_json', ['{"text": "a"}', 'this is not JSON', '{"text": "b"}']),
+                        ('null', ['{"text": "a"}', '{"text": null}']), ('numbers', ['{"text": 1}', '{"text": 2}'])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'part.jsonl').write_text('\n'.join(lines) + '\n')
+        cases[name] = tmp_path / name
+    (tmp_path / 'cut').mkdir()
+    for part in range(3):
+        pq.write_table(pa.table({'text': corpus[1][part * 10:(part + 1) * 10]}), tmp_path / 'cut' / f'{part:03d}.parquet')
+    with open(tmp_path / 'cut' / '001.parquet', 'r+b') as f:
+        f.truncate(os.path.getsize(tmp_path / 'cut' / '001.parquet') // 2)
+    cases['cut'] = tmp_path / 'cut'
+    repos = {name: copy_repo(tmp_path / f'repo-{name}') for name in cases}
+    procs = {name: subprocess.Popen([sys.executable, str(repos[name] / PREP), f'--local_dir={folder}', '--num_proc=1'],
+                                    cwd=repos[name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, folder in cases.items()}
+    expected = {'not_json': [f"cannot read {cases['not_json']}/part.jsonl", 'JSON parse error', 'repair, re-download or remove'],
+                'null': ["has no text (its 'text' is None, not a string)", 'remove it or give it text'],
+                'numbers': ["document 0 of", "has no text (its 'text' is 1, not a string)"],
+                'cut': [f"cannot read {cases['cut']}/001.parquet as parquet", 'download it again, or remove it']}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), PREP,
+                              *expected[name])
+
+
+def test_prep_with_a_hand_edited_manifest_makes_its_shards_again_from_there(tmp_path, corpus, prepared):
+    repo = copy_repo(tmp_path)
+    run_script(repo, repo / PREP, *prep_args(corpus[0]), '--keep_shards', check=True, timeout=120)
+    manifest = repo / 'data' / 'fineweb' / 'shards' / 'manifest.json'
+    edited = json.loads(manifest.read_text())
+    del edited['shards'][5]['docs']
+    edited['shards'][9] = 'by hand'
+    manifest.write_text(json.dumps(edited))
+    result = run_script(repo, repo / PREP, *prep_args(corpus[0]), check=True, timeout=120)
+    assert 'shard 5 is not as this script writes it; making it again from there' in result.stdout
+    assert 'continuing from document 75' in result.stdout
+    assert bins(repo) == bins(prepared[0])
+
+
+def test_prep_that_cannot_write_val_bin_leaves_the_old_train_bin_and_val_bin(tmp_path, corpus, prepared):
+    """Issue 27's probe: a full disk while val.bin is joined, after train.bin, over an older prep. The two replace
+    the old pair together or not at all; the shards stay for the same command to finish."""
+    repo = copy_repo(tmp_path)
+    old = bins(prepared[0])
+    with tmpfs(repo / 'data' / 'fineweb', '16m') as fineweb:
+        shutil.copy(os.path.join(ROOT, PREP), fineweb / 'prepare.py')
+        args = [*prep_args(corpus[0]), '--max_docs=600']  # a smaller corpus from the same documents: other bins
+        run_script(repo, repo / PREP, *args, '--keep_shards', check=True, timeout=120)
+        new = bins(repo)
+        for split in ('train', 'val'):  # the older prep's pair in place again, its stamp too
+            shutil.copy(prepared[0] / 'data' / 'fineweb' / f'{split}.bin', fineweb / f'{split}.bin')
+        shutil.copy(prepared[0] / 'data' / 'fineweb' / 'bins.json', fineweb / 'bins.json')
+        st = os.statvfs(fineweb)
+        pages = st.f_blocks - st.f_bfree + -(-len(new['train']) // 4096)  # room for the new train.bin, not val.bin
+        subprocess.run(['mount', '-o', f'remount,size={pages * 4096}', str(fineweb)], check=True)
+        result = run_script(repo, repo / PREP, *args, timeout=120)
+        assert_one_line_error(result, PREP, 'cannot write data/fineweb/val.bin: no space left on device',
+                              'the dataset in data/fineweb is unchanged', 'the shards are kept')
+        assert bins(repo) == old  # both the older prep's
+        assert not [p for p in os.listdir(fineweb) if p.endswith('.tmp')]
+        subprocess.run(['mount', '-o', 'remount,size=16m', str(fineweb)], check=True)
+        run_script(repo, repo / PREP, *args, check=True, timeout=120)  # room again: the same command finishes
+        assert bins(repo) == new

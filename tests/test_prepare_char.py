@@ -90,3 +90,15 @@ def test_a_full_disk_leaves_the_old_set_byte_for_byte(tmp_path):
         assert len(np.fromfile(out / 'train.bin', dtype=np.uint16)) == int(len(TEXT * 60) * 0.9)
         assert sorted(os.listdir(out)) == ['bins.json', 'input.txt', 'meta.pkl', 'prepare.py', 'train.bin', 'val.bin']
 
+
+
+def test_an_input_txt_that_is_a_folder_or_not_utf8_is_one_line(tmp_path, monkeypatch):
+    from conftest import exit_message
+    copy_repo(tmp_path)
+    text = tmp_path / 'data' / 'shakespeare_char' / 'input.txt'
+    text.mkdir()
+    assert 'input.txt is a folder, not a text file' in exit_message(monkeypatch, tmp_path, SCRIPT)
+    text.rmdir()
+    text.write_bytes('caf\xe9 in Windows-1252\n'.encode('cp1252'))
+    message = exit_message(monkeypatch, tmp_path, SCRIPT)
+    assert 'input.txt is not UTF-8 text' in message and 'iconv -f WINDOWS-1252 -t UTF-8' in message
