@@ -147,23 +147,30 @@ def _paths(directory):
     return [os.path.join(directory, n) for n in RUN_FILES if os.path.lexists(os.path.join(directory, n))]
 
 
+def _check_only_ours(directory):
+    """Raises OSError (one line) when directory holds files other than run files: the user's, not ours to move."""
+    if theirs := sorted(set(os.listdir(directory)) - set(RUN_FILES)):
+        raise OSError(f"{directory}/ holds files train.py did not put there ({', '.join(theirs)}): move them out of "
+                      f"{os.path.dirname(directory) or '.'}/, or pass another --out_dir")
+
+
 def _remove_dir(directory):
     """Removes directory/, which holds only run files of ours: anything else there is the user's, and kept."""
+    if os.path.isdir(directory):
+        _check_only_ours(directory)
     for path in _paths(directory):
         os.remove(path)
     try:
         os.rmdir(directory)
     except FileNotFoundError:
         pass
-    except OSError:
-        raise OSError(f"{directory}/ holds files train.py did not put there ({', '.join(sorted(os.listdir(directory)))}): "
-                      f"move them out of {os.path.dirname(directory) or '.'}/, or pass another --out_dir") from None
 
 
 def _drop_previous(out_dir):
     """The run in previous/ is replaced for good: one rename, then the removal (finished by recover if cut)."""
     previous, dropping = os.path.join(out_dir, PREVIOUS), os.path.join(out_dir, DROPPING)
     if os.path.isdir(previous) and not os.path.islink(previous):
+        _check_only_ours(previous)
         os.replace(previous, dropping)
         fsync_dir(out_dir)
     if os.path.lexists(dropping):
@@ -197,14 +204,17 @@ def recover(out_dir):
 
 
 def complete(ckpt_path):
-    """Whether ckpt_path is a whole checkpoint saved at an evaluation or at a run's end (nanoGPT's are), not by a
-    stop signal. Memory-mapped: a large one is not read."""
+    """Whether ckpt_path is a checkpoint saved at an evaluation or at a run's end (nanoGPT's are): True; one a stop
+    signal saved, or none: False; one that does not load (damaged, or of an old format): None. Memory-mapped: a
+    large one is not read."""
     import torch
+    if not os.path.lexists(ckpt_path):
+        return False
     try:
         checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
-        return isinstance(checkpoint, dict) and 'model' in checkpoint and not checkpoint.get('stopped')
-    except Exception:  # a damaged file, or one of an old format
-        return False
+        return not checkpoint.get('stopped') if isinstance(checkpoint, dict) and 'model' in checkpoint else None
+    except Exception:
+        return None
 
 
 def check_previous_is_ours(out_dir):
@@ -223,7 +233,11 @@ def set_aside_previous_run(out_dir):
     if not here:
         return
     previous = os.path.join(out_dir, PREVIOUS)
-    if os.path.isfile(os.path.join(previous, 'ckpt.pt')) and not complete(os.path.join(out_dir, 'ckpt.pt')):
+    kept = os.path.isfile(os.path.join(previous, 'ckpt.pt'))
+    if kept and (state := complete(os.path.join(out_dir, 'ckpt.pt'))) is None:  # neither is to go
+        raise ValueError(f"{os.path.join(out_dir, 'ckpt.pt')} does not load, and {previous}/ holds the run before it: "
+                         f"move one of them out of {out_dir}, or pass another --out_dir")
+    if kept and not state:
         for name in here:
             os.remove(os.path.join(out_dir, name))
         fsync_dir(out_dir)
@@ -254,6 +268,7 @@ def put_back_previous_run(out_dir):
     previous = os.path.join(out_dir, PREVIOUS)
     if os.path.lexists(os.path.join(out_dir, 'ckpt.pt')) or not os.path.isfile(os.path.join(previous, 'ckpt.pt')):
         return
+    _check_only_ours(previous)
     for path in _paths(out_dir):
         os.remove(path)
     os.replace(previous, os.path.join(out_dir, MOVING))  # killed from here on: recover finishes it
@@ -334,18 +349,19 @@ def name_failures(config):
 
     def hook(kind, value, tb):
         text = str(value)
+        err = sys.__stderr__  # init_process_group wraps this hook and buffers sys.stderr until it returns: it does not
         if issubclass(kind, KeyboardInterrupt):
-            print("train.py: stopped by Ctrl-C before any training; nothing was written", file=sys.stderr)
+            print("train.py: stopped by Ctrl-C before any training; nothing was written", file=err)
         elif issubclass(kind, MemoryError) or (issubclass(kind, RuntimeError) and (
                 "can't allocate memory" in text or 'out of memory' in text.lower())):
-            print(memory_text(config, value), file=sys.stderr)
+            print(memory_text(config, value), file=err)
         elif 'RANK' in os.environ and issubclass(kind, RuntimeError) and any(
                 s in text.lower() for s in ('timed out', 'timeout', 'connection closed', 'connection reset', 'broken pipe')):
             print(f"train.py: another process did not answer within ddp_timeout={config['ddp_timeout']}s or is gone "
                   f"({text.strip().splitlines()[0][:160]}); {ckpt_path} holds the last save: resume with "
-                  f"--init_from=resume", file=sys.stderr)
+                  f"--init_from=resume", file=err)
         else:
             return sys.__excepthook__(kind, value, tb)
-        sys.stderr.flush()
+        err.flush()
         os._exit(1)
     sys.excepthook = hook

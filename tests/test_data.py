@@ -469,14 +469,15 @@ def test_a_run_killed_between_renames_is_finished_by_the_next(tmp_path):
     old = old_set(repo, out)
     killed = subprocess.run([sys.executable, '-c', KILLED_BETWEEN_RENAMES, repo, out], capture_output=True, text=True)
     assert killed.returncode == 9, killed.stderr
-    assert sorted(os.listdir(out)) == ['bins.json.tmp', 'meta.pkl', 'prepare.journal', 'train.bin', 'val.bin', 'val.bin.tmp']
+    assert sorted(os.listdir(out)) == ['bins.json', 'bins.json.tmp', 'meta.pkl', 'prepare.journal', 'train.bin', 'val.bin',
+                                      'val.bin.tmp']
     assert files_of(out)['val.bin'] == old['val.bin']  # a mixed set, until...
     with pytest.raises(ValueError, match='the two files are from different prepares'):  # ...which train.py refuses
         check_one_prepare(str(out), {'train': 1000, 'val': len(old['val.bin']) // 2})
     (repo / 'one.txt').write_text('x')
     result = run(PREPARE, repo / 'one.txt', '--char', '--out_dir', out, cwd=repo)  # ...any run into out: this one fails
     assert_one_line_error(result, PREPARE, 'train split is empty')
-    assert 'put in place the dataset (train.bin, val.bin)' in result.stdout
+    assert 'put in place the dataset (train.bin, val.bin, bins.json)' in result.stdout
     assert sorted(os.listdir(out)) == ['bins.json', 'train.bin', 'val.bin']  # the killed run's set, whole
     assert np.array_equal(read_bin(out / 'train.bin'), np.arange(1000)) and np.array_equal(read_bin(out / 'val.bin'),
                                                                                          np.arange(100))
