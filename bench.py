@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 import runtime
-from files import check_token_ids, open_bin
+from files import check_token_ids, dataset_dir, open_bin
+from configurator import fail, check
 from model import GPTConfig, GPT
 
 # -----------------------------------------------------------------------------
@@ -44,7 +45,7 @@ sample_rounds = 5  # sample mode: cached and Hugging Face runs, alternating (the
 energy_toggles = False  # instead: joules per token of this mode's step with flash_attn and alibi on and off (energy.py)
 energy_rounds = 5  # rounds of the toggles, alternating
 energy_seconds = 2.0  # each run's least duration per round, so that the counter moves
-exec(open('configurator.py').read())  # overrides from command line or config file
+exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())  # overrides from command line or config file
 for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size', 'max_new_tokens', 'sample_rounds'):
     check(k, lambda v: v >= 1, 'an integer >= 1')
 check('n_embd', lambda v: v % n_head == 0, f'a multiple of n_head={n_head}')
@@ -124,7 +125,7 @@ def batches():
         x = torch.randint(vocab_size, (batch_size, block_size), device=device)
         y = torch.randint(vocab_size, (batch_size, block_size), device=device)
         return lambda: (x, y)
-    path = os.path.join('data', dataset, 'train.bin')
+    path = os.path.join(dataset_dir(dataset), 'train.bin')
     try:
         train_data = open_bin(path, block_size + 1)
     except ValueError as e:

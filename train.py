@@ -26,9 +26,10 @@ from torch.distributed import init_process_group, destroy_process_group
 import energy
 import runtime
 import runs
+from configurator import fail, check
 from model import GPTConfig, GPT, GPT2_VOCAB_SIZE
-from files import (load_checkpoint, load_meta, load_pretrained_embeddings, open_bin, check_token_ids, os_error_text,
-                   write_checkpoint)
+from files import (dataset_dir, load_checkpoint, load_meta, load_pretrained_embeddings, open_bin, check_token_ids,
+                   os_error_text, write_checkpoint)
 
 if int(os.environ.get('RANK', 0)) > 0:
     sys.stdout = open(os.devnull, 'w')  # under torchrun only the first process prints; errors still reach stderr
@@ -91,7 +92,7 @@ chunked_loss = None  # the loss a few rows at a time, never all logits (loss.py)
 measure_energy = True  # joules per log line, evaluation and run where the machine can tell (NVML, RAPL): energy.py
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
-exec(open('configurator.py').read())  # overrides from the command line or a config file
+exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())  # overrides from the command line or a config file
 config = {k: globals()[k] for k in config_keys}  # saved in checkpoints and given to wandb
 # the values, before any work: a mistyped one stops here with a one-line error (configurator's check)
 for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'gradient_accumulation_steps', 'eval_iters',
@@ -131,7 +132,7 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')
 
 # the data: token ids as uint16 in train.bin and val.bin, and meta.pkl for a character-level vocabulary
-data_dir = os.path.join('data', dataset)
+data_dir = dataset_dir(dataset)  # data/<dataset> here, else the repository's (files.py)
 meta_path = os.path.join(data_dir, 'meta.pkl')
 meta = None
 if os.path.exists(meta_path):

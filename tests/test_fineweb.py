@@ -247,6 +247,6 @@ def test_config_trains_end_to_end_on_cpu_with_hellaswag_a_checkpoint_a_resume_an
     plot = run_script(repo, 'plot.py', f'--out_dirs={out_dir}', f'--out={png}', '--gpt2_val_loss=3.29',
                       '--reference=GPT-3 124M=0.337', check=True, timeout=120)
     hellaswag_last = [r for r in records if r.get('step') == 6 and 'hellaswag_acc_norm' in r][-1]['hellaswag_acc_norm']
-    assert f"out: 6 iterations (3 logged), 3 evaluations" in plot.stdout  # iterations 0, 2, 4 logged; 6 trained
+    assert "out: 6 iterations (3 logged), 3 evaluations" in plot.stdout  # iterations 0, 2, 4 logged; 6 trained
     assert f"HellaSwag acc_norm {hellaswag_last:.4f} at step 6" in plot.stdout
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
