@@ -236,6 +236,7 @@ if checkpoint is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
     if checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
+wandb_run_id = (checkpoint or {}).get('wandb_run_id')  # a resumed run logs on to its wandb run
 checkpoint = None  # free its memory
 
 hellaswag_examples = None
@@ -323,11 +324,6 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-if wandb_log and master_process:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-
-
 def log(record):
     """One record per printed log line, appended to out_dir/log.jsonl (and sent to wandb)."""
     try:
@@ -336,8 +332,8 @@ def log(record):
     except OSError as e:
         fail(f"cannot write {log_path}: {os_error_text(e)} ({kept_checkpoint()}); free the disk or "
              f"make {out_dir} writable, then resume with --init_from=resume")
-    if wandb_log:
-        wandb.log(record)
+    if wandb_run:
+        wandb_run.log(record)
 
 
 def kept_checkpoint():  # what is on disk when a run stops early
@@ -357,7 +353,8 @@ def save_checkpoint():
     if not master_process:
         return
     checkpoint = dict(model=model_state, optimizer=optimizer_state, scaler=scaler.state_dict(), model_args=model_args,
-                      iter_num=iter_num, best_val_loss=best_val_loss, config=config, data=data_record)
+                      iter_num=iter_num, best_val_loss=best_val_loss, config=config, data=data_record,
+                      wandb_run_id=wandb_run.id if wandb_run else wandb_run_id)
     print(f"saving checkpoint to {out_dir}")
     try:
         write_checkpoint(checkpoint, ckpt_path)
@@ -379,6 +376,7 @@ if master_process:
         lock = runs.take_out_dir(out_dir, log_path, resumed=init_from == 'resume', writes=not eval_only, iter_num=iter_num)
     except (OSError, ValueError) as e:
         fail(e)
+wandb_run = runs.start_wandb(wandb_project, wandb_run_name, config, wandb_run_id) if wandb_log and master_process else None
 stop = runs.StopRequest(ddp, device)  # SIGTERM, SIGINT, SIGHUP, or torchrun gone: save at the iteration's end
 meter = energy.start(device, enabled=measure_energy, ddp=ddp, verbose=master_process, tokens_per_step=tokens_per_iter,
                      step=iter_num)
