@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import loss as loss_module
-from loss import chunked_cross_entropy, chunked_loss
+from loss import chunked_cross_entropy, loss_and_grads_by_chunks
 from model import GPT, GPTConfig, alibi_slopes, clean_state_dict, fit_pretrained_embeddings
 
 
@@ -273,7 +273,7 @@ def test_chunked_cross_entropy_equals_f_cross_entropy_forward_and_backward():
         assert torch.allclose(loss, expected, rtol=1e-6)
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(torch.autograd.grad(loss * 0.25, (x, weight)), (grad_x, grad_w)))
     for rows in (1, 7, 50):  # chunks that do and do not divide the rows
-        chunk_loss, chunk_grad_x, chunk_grad_w = chunked_loss(x.detach(), weight.detach(), targets, True, chunk_rows=rows)
+        chunk_loss, chunk_grad_x, chunk_grad_w = loss_and_grads_by_chunks(x.detach(), weight.detach(), targets, True, chunk_rows=rows)
         assert torch.allclose(chunk_loss, expected, rtol=1e-6)
         assert torch.allclose(chunk_grad_x * 0.25, grad_x, rtol=1e-5, atol=1e-8)
         assert torch.allclose(chunk_grad_w * 0.25, grad_w, rtol=1e-5, atol=1e-8)
