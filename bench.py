@@ -8,6 +8,7 @@ and of Hugging Face's GPT2LMHeadModel.generate on a model of the same shape, in 
     python bench.py --mode=sample --device=cpu --dtype=float32 --compile=False --batch_size=1 --n_layer=6 --n_head=6 --n_embd=384 --bias=True --vocab_size=65
 """
 import os
+import statistics
 import time
 
 import cpu
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 
 import runtime
-from files import check_token_ids, open_bin
+from files import check_token_ids, dataset_dir, open_bin
+from configurator import fail, check
 from model import GPTConfig, GPT
 
 # -----------------------------------------------------------------------------
@@ -44,7 +46,7 @@ sample_rounds = 5  # sample mode: cached and Hugging Face runs, alternating (the
 energy_toggles = False  # instead: joules per token of this mode's step with flash_attn and alibi on and off (energy.py)
 energy_rounds = 5  # rounds of the toggles, alternating
 energy_seconds = 2.0  # each run's least duration per round, so that the counter moves
-exec(open('configurator.py').read())  # overrides from command line or config file
+exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())  # overrides from command line or config file
 for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size', 'max_new_tokens', 'sample_rounds'):
     check(k, lambda v: v >= 1, 'an integer >= 1')
 check('n_embd', lambda v: v % n_head == 0, f'a multiple of n_head={n_head}')
@@ -72,8 +74,7 @@ if device_type == 'cpu':
 
 
 def median_and_spread(xs):
-    xs = sorted(xs)
-    return f"{xs[len(xs) // 2]:.1f} ({xs[0]:.1f}-{xs[-1]:.1f})"
+    return f"{statistics.median(xs):.4g} ({min(xs):.4g}-{max(xs):.4g})"
 
 
 def time_sampling():
@@ -124,7 +125,7 @@ def batches():
         x = torch.randint(vocab_size, (batch_size, block_size), device=device)
         y = torch.randint(vocab_size, (batch_size, block_size), device=device)
         return lambda: (x, y)
-    path = os.path.join('data', dataset, 'train.bin')
+    path = os.path.join(dataset_dir(dataset), 'train.bin')
     try:
         train_data = open_bin(path, block_size + 1)
     except ValueError as e:
@@ -201,6 +202,35 @@ def time_training():
     print(f"time per iteration: {dt / num_steps * 1000:.2f} ms, {batch_size * block_size * num_steps / dt:,.0f} tokens/s{mfu}")
 
 
+def compare_energy(meter, runs):
+    """Millijoules per token of each of runs, a dict name -> (step, tokens): step() does tokens tokens' worth of work.
+    Each of energy_rounds rounds runs every one for at least energy_seconds and until the counter has moved, in
+    alternating order (forwards, then backwards). Prints a line a round and, for each, median (min-max) of mJ/token
+    and watts; returns {name: {'mj_per_token': [...], 'watts': [...]}}."""
+    names = list(runs)
+    out = {name: {'mj_per_token': [], 'watts': []} for name in names}
+    for r in range(energy_rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            step, tokens = runs[name]
+            sync()
+            while meter.span('train') is None:  # start just after the counter moved
+                time.sleep(0.001)
+            t0, calls, span = time.perf_counter(), 0, None
+            while span is None:
+                step()
+                calls += 1
+                if time.perf_counter() - t0 >= energy_seconds:
+                    sync()
+                    span = meter.span('train', tokens=calls * tokens)
+            out[name]['mj_per_token'].append(span.mj_per_token)
+            out[name]['watts'].append(span.joules / (time.perf_counter() - t0))
+        print(f"round {r}: " + ', '.join(f"{name} {out[name]['mj_per_token'][-1]:.4g} mJ/tok" for name in names))
+    for name in names:
+        print(f"{name}: {median_and_spread(out[name]['mj_per_token'])} mJ/token, "
+              f"{median_and_spread(out[name]['watts'])} W, median (min-max) of {energy_rounds}")
+    return out
+
+
 def compare_toggles_energy():
     """The table the fork was built for: millijoules per token of this mode's step (a training step, or generating
     max_new_tokens) for flash_attn and alibi on and off, the four runs alternating, median and spread."""
@@ -228,7 +258,7 @@ def compare_toggles_energy():
         runs[f"flash_attn={flash} alibi={alibi_on}"] = (step, tokens)
     print(f"{mode}: {n_layer} layers, {n_head} heads, {n_embd} wide, block_size {block_size}, batch {batch_size}, "
           f"{device} ({runtime.device_name(device)}), {plan.dtype}; mJ per token, median (min-max) of {energy_rounds}")
-    energy.compare(meter, runs, energy_rounds, energy_seconds, sync)
+    compare_energy(meter, runs)
 
 
 if energy_toggles:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 
+from configurator import fail, check
 from runtime import device_name
 
 # -----------------------------------------------------------------------------
@@ -29,7 +30,7 @@ gpt2_iters = 50
 repeats = 3  # runs of each kind, alternating; the median and spread over them are reported
 nanogpt_dir = ''  # a checkout of github.com/karpathy/nanoGPT, to time its train.py too
 float32 = True  # time ours in float32 too (--dtype=float32: what bfloat16 autocast gains); False: quicker
-exec(open('configurator.py').read())
+exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
 for name in ('quick_iters', 'char_iters', 'gpt2_iters'):
     check(name, lambda v: v >= 6, 'an integer >= 6 (the first 5 iterations are not timed)')
 check('repeats', lambda v: v >= 1, 'an integer >= 1')

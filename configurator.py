@@ -1,7 +1,7 @@
 """
 Settings overrides, nanoGPT style, and the one way every script stops on bad input. A script runs this file with
-    exec(open('configurator.py').read())
-after defining its settings as plain globals; then, for example,
+    exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
+(nanoGPT's exec, from the script's own directory, so that it runs from anywhere) after defining its settings as plain globals; then, for example,
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 runs config/train_shakespeare_char.py as Python and then sets batch_size and compile.
 --key=value overrides a known global (one whose value is a bool, int, float, str or None), the
@@ -9,8 +9,10 @@ value read with ast.literal_eval (a plain string when that fails). A config file
 define helpers: only the names it gives a bool, int, float, str or None are settings. An unknown key, a
 value of the wrong type, a malformed argument or a config file that fails (the error and its line) stops
 the program with a one-line error. --help lists the settings.
-After it, the script has fail(msg), which stops with one line `script: msg`, and check() for its checks of
-the values. Scripts that take no settings (data/) import fail: `from configurator import fail`.
+The script imports fail(msg), which stops with one line `script: msg`, and check(), for its checks of the
+values: `from configurator import fail, check` (scripts that take no settings, data/, import fail alone).
+Run from another directory (python /path/to/repo/train.py config/x.py, as Slurm scripts do), config files
+are found relative to the current directory, as any path on the command line.
 """
 
 
@@ -27,15 +29,16 @@ def check(name, ok, valid):
     """For the scripts' checks of their settings, before any work: unless ok(value) holds, stop with a
     one-line error naming the setting, its value and what would be valid, e.g.
         check('batch_size', lambda v: v >= 1, 'an integer >= 1')  ->  train.py: batch_size=0 is not an integer >= 1
-    A value ok cannot even compare (None where a number belongs) is not valid either."""
-    value = globals()[name]
+    A value ok cannot even compare (None where a number belongs) is not valid either. name is a global (a
+    setting) of the module that calls check."""
+    import sys
+    value = sys._getframe(1).f_globals[name]
     try:
         passed = ok(value)
     except (TypeError, ValueError, RuntimeError):  # RuntimeError: torch.device of a malformed string
         passed = False
     if not passed:
         fail(f"{name}={value!r} is not {valid}")
-
 
 
 def _configure(settings):

@@ -13,7 +13,8 @@ train.py starts a meter, marks its evaluations, and asks for a span at each log 
     totals = meter.finish(step=iter_num)        # the run's energy_total_j, energy_train_j, energy_eval_j, ...
 energy.text(e) is the iteration line's ', 12.3 J, 4.5 mJ/tok', energy.fields(e) the log.jsonl fields and
 energy.summary(totals) the run's line.
-bench.py compares runs (the toggles) with compare(). What this machine measures, how fast, how often the counter moves:
+bench.py --energy_toggles=True compares the toggles with a meter. What this machine measures, how fast, how often
+the counter moves:
     python energy.py [cpu|cuda|cuda:N]
 """
 import glob
@@ -293,7 +294,6 @@ class Meter:
         self.tokens = dict.fromkeys(kinds, 0)  # tokens of spans carried to the next
         self.totals = dict.fromkeys(kinds, 0.0)  # reported joules, summed over processes
         self.pending = []  # [kind, seconds] since the counter last moved: they share its next move
-        self.seconds = dict.fromkeys(kinds, 0.0)
         self.start_step = step
         self.t = clock()
         self.joules = source.read()[0] if source is not None else 0.0  # the counter where the meter started
@@ -312,7 +312,6 @@ class Meter:
             self.pending[-1][1] += now - self.t
         else:
             self.pending.append([self.kind, now - self.t])
-        self.seconds[self.kind] += now - self.t
         self.t = now
         if fresh:
             moved = joules - self.joules
@@ -447,48 +446,6 @@ def start(device, enabled=True, ddp=False, verbose=True, tokens_per_step=0, step
     if verbose:
         print(f"energy: {what}" if source is not None else f"energy not measured here: {what}")
     return Meter(source, what, ddp, device, tokens_per_step, step, kinds, sync)
-
-
-# -----------------------------------------------------------------------------
-# bench.py: the energy of runs compared, alternating
-
-def compare(meter, runs, rounds=5, seconds=2.0, sync=None, verbose=True):
-    """Millijoules per token of each of runs, a dict name -> (step, tokens): step() does tokens tokens' worth of
-    work (a training step, a generate call). Each round runs every one for at least seconds and until the counter
-    has moved, in alternating order (forwards, then backwards). Returns {name: {'mj_per_token': [...], 'watts':
-    [...]}} and prints one line a round and a summary, median (min-max); None when the meter measures nothing."""
-    if not meter.measured:
-        return None
-    sync = sync or (lambda: None)
-    names = list(runs)
-    out = {name: {'mj_per_token': [], 'watts': []} for name in names}
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            step, tokens = runs[name]
-            sync()
-            while meter.span('train') is None:  # start just after the counter moved
-                time.sleep(0.001)
-            t0, calls, span = time.perf_counter(), 0, None
-            while span is None:
-                step()
-                calls += 1
-                if time.perf_counter() - t0 >= seconds:
-                    sync()
-                    span = meter.span('train', tokens=calls * tokens)
-            out[name]['mj_per_token'].append(span.mj_per_token)
-            out[name]['watts'].append(span.joules / (time.perf_counter() - t0))
-        if verbose:
-            print(f"round {r}: " + ', '.join(f"{name} {out[name]['mj_per_token'][-1]:.4g} mJ/tok" for name in names))
-    if verbose:
-        for name in names:
-            print(f"{name}: {median_and_spread(out[name]['mj_per_token'])} mJ/token, "
-                  f"{median_and_spread(out[name]['watts'])} W, median (min-max) of {rounds}")
-    return out
-
-
-def median_and_spread(xs):
-    xs = sorted(xs)
-    return f"{statistics.median(xs):.4g} ({xs[0]:.4g}-{xs[-1]:.4g})"
 
 
 # -----------------------------------------------------------------------------

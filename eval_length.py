@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 import runtime
-from files import check_token_ids, load_checkpoint, open_bin, os_error_text, write_atomically
+from configurator import fail, check
+from files import check_token_ids, dataset_dir, load_checkpoint, open_bin, os_error_text, write_atomically
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
@@ -25,7 +26,7 @@ dataset = ''  # default: the dataset the checkpoint was trained on
 device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32 (which --dtype=float32 forces)
 json_out = ''  # also write the results to this JSON file
-exec(open('configurator.py').read())
+exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
 for k in ('num_tokens', 'batch_tokens'):
     check(k, lambda v: v >= 1, 'an integer >= 1')
 check('lengths', lambda v: not v or all(s.strip().isdigit() and int(s) > 0 for s in v.split(',')),
@@ -59,7 +60,7 @@ block_size, alibi = model.config.block_size, model.config.alibi
 dataset = dataset or checkpoint.get('config', {}).get('dataset', '')
 if not dataset:
     fail(f"{out_dir}/ckpt.pt does not say which dataset it was trained on: pass --dataset=")
-val_path = os.path.join('data', dataset, 'val.bin')
+val_path = os.path.join(dataset_dir(dataset), 'val.bin')
 try:
     data = open_bin(val_path, min_tokens=0)
 except ValueError as e:

@@ -16,14 +16,15 @@ import tempfile
 
 import torch
 
-from files import load_checkpoint, load_meta, os_error_text, same_vocabulary
+from configurator import fail, check
+from files import load_checkpoint, os_error_text, run_vocabulary
 from model import CONV1D_WEIGHTS, GPT2_VOCAB_SIZE
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run: its ckpt.pt is exported
 hf_dir = 'hf'  # the Hugging Face directory to write
 overwrite = False  # replace an existing hf_dir
-exec(open('configurator.py').read())  # overrides from the command line or a config file
+exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())  # overrides from the command line or a config file
 check('out_dir', lambda v: v != '', "a training run's directory, e.g. 'out-shakespeare'")
 check('hf_dir', lambda v: v != '' and os.path.abspath(v) not in (os.getcwd(), os.path.abspath(out_dir)),
       "a new directory, other than out_dir and '.', e.g. 'hf-shakespeare'")
@@ -120,19 +121,11 @@ c = model.config
 if c.alibi:
     fail(f"{ckpt_path} is an ALiBi model, and GPT-2 (Hugging Face's GPT2LMHeadModel) has no ALiBi, only learned "
          f"positions: it cannot be exported as GPT-2")
-dataset = (checkpoint.get('config') or {}).get('dataset')
-meta_path = os.path.join('data', dataset, 'meta.pkl') if dataset else None
-meta = (checkpoint.get('data') or {}).get('meta')  # the vocabulary the checkpoint records, if character-level
-vocab_source = f"the vocabulary recorded in {ckpt_path}"
-if meta_path and os.path.isfile(meta_path):
-    try:
-        found = load_meta(meta_path)  # refuses a meta.pkl that is not plain values
-    except ValueError as e:
-        fail(e)
-    if meta and not same_vocabulary(found, meta):
-        fail(f"{meta_path} is not the vocabulary {ckpt_path} was trained with (the dataset was re-prepared from other "
-             f"text?): put the run's meta.pkl back, or move it aside to export the recorded one")
-    meta, vocab_source = found, meta_path
+try:
+    meta, meta_path, from_file = run_vocabulary(checkpoint, ckpt_path)
+except ValueError as e:
+    fail(e)
+vocab_source = meta_path if from_file else f"the vocabulary recorded in {ckpt_path}"
 char_level = meta is not None
 if not char_level and c.vocab_size < GPT2_VOCAB_SIZE:
     fail(f"vocab_size={c.vocab_size} is smaller than GPT-2's {GPT2_VOCAB_SIZE} but there is no {meta_path or 'meta.pkl'} "

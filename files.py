@@ -196,6 +196,31 @@ def load_meta(path):
     return meta
 
 
+def dataset_dir(dataset):
+    """data/<dataset>, as nanoGPT: under the current directory; where that has none, the repository's own (a script
+    run from elsewhere, python /path/to/repo/train.py, as Slurm scripts do: the prepares write there)."""
+    here, repo = os.path.join('data', dataset), os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+    return here if os.path.isdir(here) or not os.path.isdir(repo) else repo
+
+
+def run_vocabulary(checkpoint, ckpt_path, meta_path=None):
+    """The character vocabulary (meta.pkl's plain values) a model decodes with, the meta.pkl looked for (default:
+    that of the dataset the checkpoint was trained on) and whether the vocabulary came from it: the file where it
+    exists (it must be the one the checkpoint records, if it records one), else the checkpoint's record; None for
+    GPT-2's BPE. Raises ValueError for a meta.pkl that is unsafe or another vocabulary than the checkpoint's."""
+    dataset = (checkpoint.get('config') or {}).get('dataset')
+    meta_path = meta_path or (os.path.join(dataset_dir(dataset), 'meta.pkl') if dataset else None)
+    recorded = (checkpoint.get('data') or {}).get('meta')
+    if not (meta_path and os.path.isfile(meta_path)):
+        return recorded, meta_path, False
+    found = load_meta(meta_path)
+    if recorded and not same_vocabulary(found, recorded):
+        raise ValueError(f"{meta_path} is not the vocabulary {ckpt_path} was trained with (the dataset was re-prepared "
+                         f"from other text?): put the run's meta.pkl back, or move it aside to use the vocabulary "
+                         f"the checkpoint records")
+    return found, meta_path, True
+
+
 def same_vocabulary(a, b):
     """Whether two meta.pkl vocabularies (or None: GPT-2's BPE) are the same: the size, and the characters where
     both list them."""

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import runtime
+from configurator import fail, check
 from files import load_checkpoint
 from model import GPT, GPT2_VOCAB_SIZE
 
@@ -57,7 +58,6 @@ def load_hellaswag(path, limit=None):
     return examples
 
 
-@torch.no_grad()
 def examples_for_training(path, master_process=True, ddp=False):
     """The items train.py scores every hellaswag_interval steps: the first process downloads the file when it
     is absent while the others wait, then every process reads it. Raises OSError or ValueError, saying the fix."""
@@ -80,6 +80,7 @@ def examples_for_training(path, master_process=True, ddp=False):
     return examples
 
 
+@torch.no_grad()  # scoring only: no graph, whether called from train.py's loop or from here
 def score_examples(model, examples, device, ctx=nullcontext(), max_len=None):
     """Summed loss over each ending's tokens, and their number: two (len(examples), 4) tensors.
     All candidates of the examples run as one batch, right-padded (padding is never a target).
@@ -109,6 +110,7 @@ def score_examples(model, examples, device, ctx=nullcontext(), max_len=None):
     return sums.cpu(), counts.cpu()
 
 
+@torch.no_grad()
 def evaluate_hellaswag(model, examples, device, batch_size=4, ctx=nullcontext(), rank=0, world_size=1,
                        max_len=None, progress=False, all_processes=False):
     """(num_correct, num_correct_norm, num_total) over this rank's share of examples (every
@@ -158,9 +160,8 @@ if __name__ == '__main__':  # (train.py imports the functions above)
     device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32 (which --dtype=float32 forces)
     if any(arg.startswith('--file=') for arg in sys.argv[1:]):  # the setting's name before it became train.py's
-        from configurator import fail
         fail("--file is now --hellaswag_file (as in train.py): pass --hellaswag_file=path/to/hellaswag_val.jsonl")
-    exec(open('configurator.py').read())
+    exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
     check('batch_size', lambda v: v >= 1, 'an integer >= 1')
     check('limit', lambda v: v is None or v >= 1, 'an integer >= 1 (or None: all items)')
     # -----------------------------------------------------------------------------

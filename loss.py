@@ -11,7 +11,7 @@ def rows_per_chunk(vocab_size, device_type):
     return max(1, (2 ** 23 if device_type == 'cpu' else 2 ** 26) // vocab_size)
 
 
-def chunked_loss(x, weight, targets, with_grads, chunk_rows=None):
+def loss_and_grads_by_chunks(x, weight, targets, with_grads, chunk_rows=None):
     """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) over chunk_rows rows at a time and, with_grads, its
     gradients for x and weight in the same pass. The matrix products run in autocast's dtype when it is on, the
     softmax in float32, with one exp per logit. Chunks of rows_per_chunk by default, in buffers that every chunk
@@ -54,7 +54,7 @@ def chunked_loss(x, weight, targets, with_grads, chunk_rows=None):
 class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows):
-        loss, grad_x, grad_w = chunked_loss(x, weight, targets, with_grads=True, chunk_rows=chunk_rows)
+        loss, grad_x, grad_w = loss_and_grads_by_chunks(x, weight, targets, with_grads=True, chunk_rows=chunk_rows)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         return loss
 
@@ -75,4 +75,4 @@ def chunked_cross_entropy(x, weight, targets, chunk_rows=None):
         return F.cross_entropy(F.linear(x, weight), targets, ignore_index=-1)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return ChunkedCrossEntropy.apply(x, weight, targets, chunk_rows)
-    return chunked_loss(x, weight, targets, with_grads=False, chunk_rows=chunk_rows)[0]
+    return loss_and_grads_by_chunks(x, weight, targets, with_grads=False, chunk_rows=chunk_rows)[0]

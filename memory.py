@@ -1,6 +1,6 @@
 """
 Memory per GPU to train GPT-2 sizes with train.py: one GPU, DDP and FSDP (--fsdp=True) on 2 and 8 GPUs,
-with and without gradient_checkpointing. Prints the table in README.md:
+with and without gradient_checkpointing. Prints the table of assets/notes/2026-12-01-memory.md:
 $ python memory.py
 Model states by formula, for N parameters over G GPUs (float32 weights, AdamW, bfloat16 compute):
   weights 4N, gradients 4N, AdamW's two moments 8N bytes; FSDP keeps 1/G of each on every GPU.

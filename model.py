@@ -234,26 +234,26 @@ class GPT(nn.Module):
         """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or a local directory in
         Hugging Face format, through transformers. Only dropout and flash_attn may be overridden."""
         override_args = override_args or {}
-        if set(override_args) - {'dropout', 'flash_attn'}:
-            raise ValueError(f"from_pretrained can only override 'dropout' and 'flash_attn', not "
-                             f"{sorted(set(override_args) - {'dropout', 'flash_attn'})}")
+        if other := set(override_args) - {'dropout', 'flash_attn'}:
+            raise ValueError(f"from_pretrained can only override 'dropout' and 'flash_attn', not {sorted(other)}")
         import transformers
         hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
         c = hf_model.config
         gelu = {'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh', 'gelu': 'erf'}.get(c.activation_function)
-        if gelu is None:
-            raise ValueError(f"{name_or_path} has activation_function='{c.activation_function}': not 'gelu_new' or 'gelu'")
+        # GPT2Config settings model.py does not implement, at GPT-2's values: weights made with others compute otherwise
+        for k, v in dict(activation_function=c.activation_function if gelu else 'gelu_new', scale_attn_weights=True,
+                         scale_attn_by_inverse_layer_idx=False, layer_norm_epsilon=1e-5, tie_word_embeddings=True, n_inner=None).items():
+            if getattr(c, k, v) != v:
+                raise ValueError(f"{name_or_path} has {k}={getattr(c, k)!r}, which model.py does not implement (GPT-2's: {v!r})")
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
                            n_embd=c.n_embd, bias=True, gelu=gelu, dropout=override_args.get('dropout', 0.0),
                            flash_attn=override_args.get('flash_attn', True))
-        print(f"loading weights from pretrained gpt: {name_or_path} "
-              f"(n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd})")
+        print(f"loading weights from pretrained gpt: {name_or_path} (n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd})")
         model = cls(config)
         sd = model.state_dict()
         sd_hf = {k: v for k, v in hf_model.state_dict().items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
         if set(sd_hf) != set(sd):
-            raise ValueError(f"{name_or_path} is not a GPT-2 checkpoint we can map: "
-                             f"differing keys {sorted(set(sd_hf) ^ set(sd))[:5]}")
+            raise ValueError(f"{name_or_path} is not a GPT-2 checkpoint we can map: differing keys {sorted(set(sd_hf) ^ set(sd))[:5]}")
         with torch.no_grad():
             for k, v in sd_hf.items():
                 sd[k].copy_(v.t() if k.endswith(CONV1D_WEIGHTS) else v)

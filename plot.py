@@ -13,6 +13,8 @@ import json
 import math
 import os
 
+from configurator import fail, check
+
 # -----------------------------------------------------------------------------
 out_dirs = 'out'  # comma-separated out_dirs (or log.jsonl files), one curve each
 out = 'assets/loss.png'
@@ -22,7 +24,7 @@ gpt2_hellaswag = 0.2955  # OpenAI's GPT-2 (124M), acc_norm by hellaswag.py (pyth
 gpt2_val_loss = None  # OpenAI's GPT-2 (124M) on your val.bin: train.py --init_from=gpt2 --eval_only=True prints it
 reference = ''  # lines of your own on the HellaSwag panel, 'name=value' (comma-separated), e.g. 'GPT-3 124M=0.337'
 loss_reference = ''  # the same on the loss panels, e.g. 'llm.c 10B=3.28'
-exec(open('configurator.py').read())
+exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
 
 
 def parse_lines(text):
@@ -47,7 +49,7 @@ check('loss_reference', lambda v: parse_lines(v) is not None, "'name=value' (com
 try:
     import matplotlib
 except ImportError:
-    fail(f"needs matplotlib: pip install matplotlib")
+    fail("needs matplotlib: pip install matplotlib")
 matplotlib.use('Agg')  # write files, no display needed
 import matplotlib.pyplot as plt
 

@@ -365,3 +365,22 @@ def name_failures(config):
         err.flush()
         os._exit(1)
     sys.excepthook = hook
+
+
+def start_wandb(project, name, config, run_id=None):
+    """The run's Weights & Biases run (train.py's wandb_log=True). run_id: the one a resumed run's checkpoint saved,
+    continued (resume='allow'), so that a run stopped and resumed any number of times is one run there. Without a
+    login or a network it logs offline instead and says where, in one line (wandb sync uploads it later)."""
+    try:
+        import wandb
+    except ImportError:
+        sys.exit("train.py: wandb_log=True needs wandb (pip install wandb), or set wandb_log=False")
+    args = dict(project=project, name=name, config=config, id=run_id, resume='allow')
+    try:
+        return wandb.init(**args)
+    except wandb.errors.Error as e:  # no API key (wandb login), or no network
+        run = wandb.init(**args, mode='offline')
+        where = os.path.dirname(run.dir)
+        print(f"wandb: {str(e).strip().splitlines()[0]} ({type(e).__name__}): logging offline to {where}; upload it "
+              f"later with: wandb sync {where}")
+        return run

@@ -11,7 +11,8 @@ import torch
 
 import cpu
 import runtime
-from files import load_checkpoint, load_meta, same_vocabulary
+from configurator import fail, check
+from files import load_checkpoint, run_vocabulary
 from model import GPT, GPT2_VOCAB_SIZE
 
 # -----------------------------------------------------------------------------
@@ -27,7 +28,7 @@ seed = 1337
 device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32; or one of those
 compile = False  # use PyTorch 2.0 to compile the model to be faster
-exec(open('configurator.py').read())  # overrides from command line or config file
+exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())  # overrides from command line or config file
 for k in ('num_samples', 'max_new_tokens'):
     check(k, lambda v: v >= 1, 'an integer >= 1')
 check('temperature', lambda v: v >= 0, 'a number >= 0 (0: always the most likely token)')
@@ -77,20 +78,12 @@ if compile:
 
 # tokenizer: a character-level model's vocabulary (its dataset's meta.pkl, or the one its checkpoint records),
 # else GPT-2's BPE
-dataset = (checkpoint.get('config') or {}).get('dataset')
-meta_path = os.path.join('data', dataset, 'meta.pkl') if dataset else None
-if init_from != 'resume':
-    meta_path = os.path.join(init_from, 'meta.pkl')  # a character-level model exported by export_hf.py
-meta = (checkpoint.get('data') or {}).get('meta')
-if meta_path and os.path.isfile(meta_path):
-    try:
-        found = load_meta(meta_path)
-    except ValueError as e:
-        fail(e)
-    if meta and not same_vocabulary(found, meta):
-        fail(f"{meta_path} is not the vocabulary {out_dir}/ckpt.pt was trained with (the dataset was re-prepared "
-             f"from other text?): put the run's meta.pkl back, or re-prepare data/{dataset} from its text")
-    meta = found
+try:  # an exported character-level model has its meta.pkl beside the weights (export_hf.py)
+    meta, meta_path, from_file = run_vocabulary(checkpoint, os.path.join(out_dir, 'ckpt.pt'),
+                                                None if init_from == 'resume' else os.path.join(init_from, 'meta.pkl'))
+except ValueError as e:
+    fail(e)
+if from_file:
     print(f"Loading meta from {meta_path}...")
 elif meta:
     print(f"{meta_path or 'meta.pkl'} is missing: decoding with the vocabulary recorded in the checkpoint")

@@ -28,9 +28,10 @@ from torch.distributed import init_process_group, destroy_process_group
 import energy
 import runtime
 import runs
+from configurator import fail, check
 from model import GPTConfig, GPT, GPT2_VOCAB_SIZE
-from files import (load_checkpoint, load_meta, load_pretrained_embeddings, open_bin, check_one_prepare, check_token_ids,
-                   os_error_text, write_checkpoint)
+from files import (dataset_dir, load_checkpoint, load_meta, load_pretrained_embeddings, open_bin, check_one_prepare,
+                   check_token_ids, os_error_text, write_checkpoint)
 
 if int(os.environ.get('RANK', 0)) > 0:
     sys.stdout = open(os.devnull, 'w')  # under torchrun only the first process prints; errors still reach stderr
@@ -93,7 +94,7 @@ chunked_loss = None  # the loss a few rows at a time, never all logits (loss.py)
 measure_energy = True  # joules per log line, evaluation and run where the machine can tell (NVML, RAPL): energy.py
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
-exec(open('configurator.py').read())  # overrides from the command line or a config file
+exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())  # overrides from the command line or a config file
 config = {k: globals()[k] for k in config_keys}  # saved in checkpoints and given to wandb
 # the values, before any work: a mistyped one stops here with a one-line error (configurator's check)
 for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'gradient_accumulation_steps', 'eval_iters',
@@ -134,7 +135,7 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')
 
 # the data: token ids as uint16 in train.bin and val.bin, and meta.pkl for a character-level vocabulary
-data_dir = os.path.join('data', dataset)
+data_dir = dataset_dir(dataset)  # data/<dataset> here, else the repository's (files.py)
 meta_path = os.path.join(data_dir, 'meta.pkl')
 meta = None
 if os.path.exists(meta_path):
@@ -236,6 +237,7 @@ if checkpoint is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
     if checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
+wandb_run_id = (checkpoint or {}).get('wandb_run_id')  # a resumed run logs on to its wandb run
 checkpoint = None  # free its memory
 
 hellaswag_examples = None
@@ -323,11 +325,6 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-if wandb_log and master_process:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-
-
 def log(record):
     """One record per printed log line, appended to out_dir/log.jsonl (and sent to wandb)."""
     try:
@@ -336,8 +333,8 @@ def log(record):
     except OSError as e:
         fail(f"cannot write {log_path}: {os_error_text(e)} ({kept_checkpoint()}); free the disk or "
              f"make {out_dir} writable, then resume with --init_from=resume")
-    if wandb_log:
-        wandb.log(record)
+    if wandb_run:
+        wandb_run.log(record)
 
 
 def kept_checkpoint():  # what is on disk when a run stops early
@@ -357,7 +354,8 @@ def save_checkpoint(stopped=False):
     if not master_process:
         return
     checkpoint = dict(model=model_state, optimizer=optimizer_state, scaler=scaler.state_dict(), model_args=model_args,
-                      iter_num=iter_num, best_val_loss=best_val_loss, config=config, data=data_record, stopped=stopped)
+                      iter_num=iter_num, best_val_loss=best_val_loss, config=config, data=data_record, stopped=stopped,
+                      wandb_run_id=wandb_run.id if wandb_run else wandb_run_id)
     print(f"saving checkpoint to {out_dir}")
     try:
         write_checkpoint(checkpoint, ckpt_path)
@@ -375,6 +373,7 @@ X, Y = get_train_batch(iter_num, 0)  # the first batch: data that does not fit t
 get_batch('val', [0], eval_block_size)
 # the run's directory: one run at a time; a resumed run's log holds each iteration once; a new run sets the old aside
 lock = runs.take_out_dir(out_dir, log_path, resumed=init_from == 'resume', writes=not eval_only, iter_num=iter_num) if master_process else None
+wandb_run = runs.start_wandb(wandb_project, wandb_run_name, config, wandb_run_id) if wandb_log and master_process else None
 stop = runs.StopRequest(ddp, kept_checkpoint, ddp_timeout, training=not eval_only)  # SIGTERM, SIGINT, SIGHUP, torchrun gone
 meter = energy.start(device, enabled=measure_energy, ddp=ddp, verbose=master_process, tokens_per_step=tokens_per_iter,
                      step=iter_num)

@@ -6,21 +6,7 @@
 #            torchrun --standalone --nproc_per_node=2 train.py config/train_gpt2_fineweb.py
 #   1 GPU:   python train.py config/train_gpt2_fineweb.py
 # A stopped run continues from its last checkpoint (every 250 steps) with the same command and --init_from=resume.
-#
-# Memory, by memory.py's measurements at this shape (activation_bytes_per_sequence, bfloat16, flash attention):
-# 526 MiB of activations a sequence of 1024 (27 MiB a Block, 201 MiB for the float32 logits and the rest),
-# 2.5 GiB of weights, gradients, AdamW state and DDP buckets. batch_size=16: 10.8 GiB per GPU, which leaves
-# room in 24 GB for the CUDA context and backward's transients; 32 (19.0 GiB) does not leave enough.
-#
-# Time: 19,073 iterations of 524,288 tokens = 10.0B tokens, at 6N + 12LHQT = 855M FLOPs a token (N = 123.7M
-# without position embeddings; model.estimate_mfu's count) is 8.55e18 FLOPs. At an MFU of m, hours =
-# 8.55e18 / (m * peak FLOP/s * GPUs) / 3600; with runtime.py's peaks, at m = 0.4 (m = 0.6):
-#   8x A100 (312 TFLOP/s each):     2.4 h (1.6 h)   published: build-nanogpt README "~1hr and ~$10";
-#                                                   llm.c's 124M reproduction (karpathy/llm.c discussion #481):
-#                                                   ~90 min on 8x A100 80GB SXM, ~300 ms a step, ~60% MFU
-#   2x RTX 4090 (165 TFLOP/s each): 18 h (12 h)
-#   1x H100 (989 TFLOP/s):          6.0 h (4.0 h);  1x A100: 19 h (12.7 h)   (llm.c #481: "~4-24 hours" on one GPU)
-# None of these times was measured in this repository: they are published figures or the arithmetic above.
+# Memory and time (batch_size=16 fits 24 GB; 8.55e18 FLOPs, 2.4 h on 8x A100 at 40% MFU): assets/notes/2026-12-04-fineweb-gpt2-budget.md
 
 out_dir = 'out-gpt2-fineweb'
 wandb_log = False  # --wandb_log=True to follow the run on Weights & Biases

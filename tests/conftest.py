@@ -169,3 +169,8 @@ def phrase_repo(tmp_path, vocab=32):
     phrase = np.random.default_rng(0).integers(0, vocab, 50)
     write_bins(os.path.join(tmp_path, 'data', 'tiny'), np.tile(phrase, 80), np.tile(phrase, 10), {'vocab_size': vocab})
     return tmp_path
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: a test of many seconds; pytest -m "not slow" is the quick subset '
+                                       '(about a minute), the whole suite is what CI runs')

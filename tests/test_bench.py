@@ -149,3 +149,46 @@ def test_bad_data_files_get_a_one_line_error(workdir, monkeypatch, tokens, fragm
 ])
 def test_bench_train_bad_settings_get_a_one_line_error(workdir, monkeypatch, args, fragment):
     assert fragment in exit_message(monkeypatch, workdir, os.path.join(ROOT, 'bench_train.py'), *args)
+
+
+class FakeGPU:
+    """A stand-in for NVML's energy counter (energy.start's nvml): it moves 1 mJ at every read, as a real one moves
+    with time, and by what each forward costs."""
+    has_energy, name, value = True, 'fake', 0
+
+    def energy_mj(self):
+        self.value += 1
+        return self.value
+
+
+def test_energy_toggles_alternate_the_four_runs_and_give_their_millijoules_per_token(tmp_path, monkeypatch, capsys):
+    """bench.py --energy_toggles=True, its meter on a fake counter where an explicit-attention forward costs three
+    times a flash one: the runs alternate round by round, and the printed mJ/token are those costs."""
+    import runpy
+    import energy
+    import model
+    gpu, order, forward = FakeGPU(), [], model.GPT.forward
+
+    def costing_forward(self, *args, **kw):
+        order.append((self.config.flash_attn, self.config.alibi))
+        gpu.value += 10 * 8 * (1 if self.config.flash_attn else 3)  # 10 or 30 mJ for each of the 8 tokens
+        return forward(self, *args, **kw)
+    monkeypatch.setattr(model.GPT, 'forward', costing_forward)
+    real_start = energy.start
+    monkeypatch.setattr(energy, 'start', lambda device, **kw: real_start('cuda:0', verbose=False, nvml=gpu))
+    monkeypatch.setenv('GOMP_SPINCOUNT', os.environ.get('GOMP_SPINCOUNT', '1000'))  # (bench.py sets it otherwise)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--device=cpu', '--compile=False', '--dtype=float32', '--real_data=False',
+                                      '--batch_size=1', '--block_size=8', '--n_layer=1', '--n_head=2', '--n_embd=16',
+                                      '--vocab_size=16', '--energy_toggles=True', '--energy_rounds=3', '--energy_seconds=0.02'])
+    runpy.run_path(os.path.join(ROOT, 'bench.py'), run_name='__main__')
+    runs = [(True, False), (False, False), (True, True), (False, True)]
+    firsts = [order[0]] + [b for a, b in zip(order, order[1:]) if a != b]
+    # a warm-up step each, then rounds forwards, backwards, forwards (a run that ends a round starts the next)
+    assert firsts == runs + runs + runs[::-1][1:] + runs[1:]
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith('round ') for line in lines) == 3
+    for flash, alibi in runs:
+        summary, = [line for line in lines if line.startswith(f"flash_attn={flash} alibi={alibi}: ")]
+        assert summary.endswith(' W, median (min-max) of 3'), summary
+        assert float(summary.split(': ')[1].split(' ')[0]) == pytest.approx(10 if flash else 30, rel=0.1), summary

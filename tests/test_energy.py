@@ -238,7 +238,6 @@ def test_unavailable_is_one_line_and_changes_nothing(tmp_path, capsys, device, e
         pass
     assert meter.span('train', step=1) is None and meter.span('eval') is None
     assert meter.finish() == {}
-    assert energy.compare(meter, {'a': (lambda: None, 1)}) is None
     assert capsys.readouterr().out == ''  # nothing more said
     meter = energy.start('cpu', enabled=False, rapl_root=root)  # turned off: not a word
     assert capsys.readouterr().out == '' and meter.span() is None
@@ -318,38 +317,6 @@ def test_the_sum_over_two_gloo_processes(tmp_path):
         assert r['measured'] is False
     assert "energy not measured here: another process cannot measure it (its first line says why)" in result.stdout
     assert "energy not measured here: no /nonexistent" in result.stdout
-
-
-class MovingGPU:
-    """A counter that moves 1 mJ at every read, as a real one moves with time, and by what the steps add."""
-    has_energy, name, value = True, 'fake', 0
-
-    def energy_mj(self):
-        self.value += 1
-        return self.value
-
-
-def test_compare_alternates_and_gives_joules_per_token(capsys):
-    gpu, order = MovingGPU(), []
-
-    def costing(mj, name):
-        def step():
-            order.append(name)
-            gpu.value += mj
-        return step
-    meter = energy.start('cuda:0', verbose=False, nvml=gpu)
-    out = energy.compare(meter, {'flash_attn=True': (costing(20, 'a'), 10), 'flash_attn=False': (costing(50, 'b'), 10)},
-                         rounds=3, seconds=0.05)
-    firsts = [order[0]] + [b for a, b in zip(order, order[1:]) if a != b]
-    assert firsts == ['a', 'b', 'a', 'b']  # a b, b a, a b: alternating
-    assert [len(out[k]['mj_per_token']) for k in out] == [3, 3]
-    for mj in out['flash_attn=True']['mj_per_token']:
-        assert mj == pytest.approx(2.0, rel=0.01)
-    for mj in out['flash_attn=False']['mj_per_token']:
-        assert mj == pytest.approx(5.0, rel=0.01)
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5 and lines[0].startswith('round 0: flash_attn=True 2'), lines
-    assert lines[4].startswith('flash_attn=False: 5') and lines[4].endswith(' W, median (min-max) of 3'), lines
 
 
 def test_the_real_probe_of_this_machine(capsys):

@@ -117,6 +117,21 @@ def test_padding_in_a_batch_changes_nothing():
     assert counts.tolist() == [[2, 5, 3, 7]] * 3
 
 
+def test_scoring_builds_no_autograd_graph():
+    """train.py calls evaluate_hellaswag inside its training loop, where autograd is on: every forward of the
+    scoring must run without it (a graph per forward is memory and time for nothing)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
+    examples = [dict(ctx=[1, 2, 3], label=0, endings=[[4], [5, 6], [7], [8, 9]]) for _ in range(3)]
+    graphs = []
+    model.register_forward_hook(lambda module, args, out: graphs.append(out[0].requires_grad))
+    assert torch.is_grad_enabled()
+    sums, counts = score_examples(model, examples, 'cpu')
+    evaluate_hellaswag(model, examples, 'cpu', batch_size=2)
+    assert graphs == [False] * 3 and not sums.requires_grad
+    assert model.training  # and the model is left as it was
+
+
 @pytest.mark.parametrize('alibi', [False, True])
 def test_long_contexts_are_cropped_from_the_left_unless_alibi(alibi):
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import loss as loss_module
-from loss import chunked_cross_entropy, chunked_loss
+from loss import chunked_cross_entropy, loss_and_grads_by_chunks
 from model import GPT, GPTConfig, alibi_slopes, clean_state_dict, fit_pretrained_embeddings
 
 
@@ -273,7 +273,7 @@ def test_chunked_cross_entropy_equals_f_cross_entropy_forward_and_backward():
         assert torch.allclose(loss, expected, rtol=1e-6)
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(torch.autograd.grad(loss * 0.25, (x, weight)), (grad_x, grad_w)))
     for rows in (1, 7, 50):  # chunks that do and do not divide the rows
-        chunk_loss, chunk_grad_x, chunk_grad_w = chunked_loss(x.detach(), weight.detach(), targets, True, chunk_rows=rows)
+        chunk_loss, chunk_grad_x, chunk_grad_w = loss_and_grads_by_chunks(x.detach(), weight.detach(), targets, True, chunk_rows=rows)
         assert torch.allclose(chunk_loss, expected, rtol=1e-6)
         assert torch.allclose(chunk_grad_x * 0.25, grad_x, rtol=1e-5, atol=1e-8)
         assert torch.allclose(chunk_grad_w * 0.25, grad_w, rtol=1e-5, atol=1e-8)
@@ -377,12 +377,29 @@ def test_from_pretrained_takes_the_checkpoints_gelu(tmp_path, activation, gelu):
     assert (model(idx, idx)[0] - hf_logits(tmp_path, idx)).abs().max().item() < 2e-5
 
 
-def test_from_pretrained_refuses_another_activation(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    GPT2LMHeadModel(GPT2Config(vocab_size=211, n_positions=64, n_embd=48, n_layer=1, n_head=4,
-                               activation_function='relu')).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="activation_function='relu': not 'gelu_new' or 'gelu'"):
-        GPT.from_pretrained(str(tmp_path))
+@pytest.mark.parametrize('setting', [dict(activation_function='relu'), dict(scale_attn_weights=False),
+                                     dict(scale_attn_by_inverse_layer_idx=True), dict(layer_norm_epsilon=1e-3),
+                                     dict(tie_word_embeddings=False), dict(n_inner=100)])
+def test_from_pretrained_refuses_settings_model_py_does_not_implement(tmp_path, setting):
+    """Each of these changes what transformers computes from the same weights; loaded as GPT-2 they would give
+    other logits without a word, so the setting is named instead."""
+    from conftest import save_hf_gpt2
+    (key, value), = setting.items()
+    save_hf_gpt2(tmp_path / 'gpt2', vocab_size=211, seed=1, initializer_range=0.5)
+    save_hf_gpt2(tmp_path / 'other', vocab_size=211, seed=1, initializer_range=0.5, **setting)
+    idx = torch.randint(0, 211, (2, 40))
+    if key != 'n_inner':  # (another shape: other weights altogether)
+        assert (hf_logits(tmp_path / 'gpt2', idx) - hf_logits(tmp_path / 'other', idx)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=f"other has {key}={value!r}, which model.py does not implement"):
+        GPT.from_pretrained(str(tmp_path / 'other'))
+
+
+def test_train_py_names_an_unimplemented_setting_of_a_hugging_face_directory(tmp_path, monkeypatch):
+    from conftest import copy_repo, exit_message, save_hf_gpt2
+    copy_repo(tmp_path)
+    save_hf_gpt2(tmp_path / 'hf', tie_word_embeddings=False)
+    message = exit_message(monkeypatch, tmp_path, 'train.py', '--init_from=hf', '--device=cpu', '--dataset=none')
+    assert "cannot load hf: hf has tie_word_embeddings=False, which model.py does not implement" in message, message
 
 
 def test_clean_state_dict_reads_compiled_and_non_flash_nanogpt_checkpoints():

@@ -368,7 +368,7 @@ def test_resume_on_a_dataset_of_another_vocabulary(repo, monkeypatch):
         pickle.dump({'vocab_size': 2 * VOCAB}, f)
     message = error_of(repo, monkeypatch, '--init_from=resume', '--dataset=wide')
     # refused as a shape that differs, or (when resuming takes the checkpoint's shape) at the first batch of ids past it
-    assert f'vocab_size={VOCAB}' in message or f"data/wide/train.bin holds token id" in message, message
+    assert f'vocab_size={VOCAB}' in message or "data/wide/train.bin holds token id" in message, message
 
 
 def test_resume_refuses_a_checkpoint_of_weights_only(repo, monkeypatch):
