@@ -117,9 +117,9 @@ try:
 except ValueError as e:
     fail(e)
 c = model.config
-if c.alibi:
-    fail(f"{ckpt_path} is an ALiBi model, and GPT-2 (Hugging Face's GPT2LMHeadModel) has no ALiBi, only learned "
-         f"positions: it cannot be exported as GPT-2")
+if c.position != 'learned':
+    fail(f"{ckpt_path} is a position='{c.position}' model, and GPT-2 (Hugging Face's GPT2LMHeadModel) has only learned "
+         f"positions: it cannot be exported as GPT-2 (only position='learned' models can)")
 dataset = (checkpoint.get('config') or {}).get('dataset')
 meta_path = os.path.join('data', dataset, 'meta.pkl') if dataset else None
 meta = (checkpoint.get('data') or {}).get('meta')  # the vocabulary the checkpoint records, if character-level
