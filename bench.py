@@ -31,7 +31,8 @@ n_embd = 768
 vocab_size = 50304
 bias = False
 flash_attn = True
-alibi = False
+position = 'learned'  # 'learned', 'alibi', 'rope' or 'none' (model.py)
+alibi = False  # the older switch for position='alibi'
 gelu = 'erf'  # or 'tanh', GPT-2's (model.py); sample mode gives Hugging Face's model the same one
 real_data = True  # train on data/<dataset>/train.bin; False: random tokens
 dataset = 'openwebtext'
@@ -43,7 +44,7 @@ profile = False  # use pytorch profiler, or just simple benchmarking?
 max_new_tokens = 500  # sample mode: tokens generated after a one-token prompt
 top_k = 200  # sample mode
 sample_rounds = 5  # sample mode: cached and Hugging Face runs, alternating (the uncached loop runs once)
-energy_toggles = False  # instead: joules per token of this mode's step with flash_attn and alibi on and off (energy.py)
+energy_toggles = False  # instead: joules per token of this mode's step, flash_attn on and off, for each position (energy.py)
 energy_rounds = 5  # rounds of the toggles, alternating
 energy_seconds = 2.0  # each run's least duration per round, so that the counter moves
 exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())  # overrides from command line or config file
@@ -65,8 +66,11 @@ except ValueError as e:
     fail(e)
 device, device_type, ctx = plan.device, plan.device_type, plan.ctx
 sync = lambda: runtime.synchronize(device_type)
-gptconf = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
-                    dropout=0.0, bias=bias, flash_attn=plan.flash_attn, alibi=alibi, gelu=gelu)
+try:  # a position it does not know, or one that disagrees with alibi=True: one line
+    gptconf = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
+                        dropout=0.0, bias=bias, flash_attn=plan.flash_attn, position=position, alibi=alibi, gelu=gelu)
+except ValueError as e:
+    fail(e)
 model = GPT(gptconf)
 model.to(device)
 if device_type == 'cpu':
@@ -233,16 +237,16 @@ def compare_energy(meter, runs):
 
 def compare_toggles_energy():
     """The table the fork was built for: millijoules per token of this mode's step (a training step, or generating
-    max_new_tokens) for flash_attn and alibi on and off, the four runs alternating, median and spread."""
+    max_new_tokens) with flash_attn on and off for each position scheme, the eight runs alternating, median and spread."""
     import energy
     meter = energy.start(device, verbose=False)
     if not meter.measured:
         fail(f"energy_toggles=True, but energy is not measured here: {meter.what}")
     print(f"energy: {meter.what}")
     runs = {}
-    for flash, alibi_on in ((True, False), (False, False), (True, True), (False, True)):
+    for scheme, flash in [(scheme, flash) for scheme in ('learned', 'alibi', 'rope', 'none') for flash in (True, False)]:
         torch.manual_seed(seed)
-        m = GPT(GPTConfig(**{**gptconf.__dict__, 'flash_attn': flash, 'alibi': alibi_on})).to(device)
+        m = GPT(GPTConfig(**{**gptconf.__dict__, 'flash_attn': flash, 'position': scheme, 'alibi': False})).to(device)
         x = torch.randint(vocab_size, (batch_size, block_size if mode == 'train' else 1), device=device)
         if mode == 'train':
             step = lambda train_step=training_step(m), x=x: train_step(x, x)
@@ -255,7 +259,7 @@ def compare_toggles_energy():
                     m.generate(x, max_new_tokens, top_k=top_k)
             tokens = batch_size * max_new_tokens
         step()  # warm up (and compile)
-        runs[f"flash_attn={flash} alibi={alibi_on}"] = (step, tokens)
+        runs[f"position={scheme} flash_attn={flash}"] = (step, tokens)
     print(f"{mode}: {n_layer} layers, {n_head} heads, {n_embd} wide, block_size {block_size}, batch {batch_size}, "
           f"{device} ({runtime.device_name(device)}), {plan.dtype}; mJ per token, median (min-max) of {energy_rounds}")
     compare_energy(meter, runs)

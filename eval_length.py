@@ -2,7 +2,8 @@
 Validation loss of a checkpoint at several context lengths: does it still work past the block_size
 it was trained at? Every length scores the same tokens, the start of val.bin cut into windows of that
 length (non-overlapping, as in the ALiBi paper's evaluation), so the figures differ only in how much
-context the model sees. A model with learned positions has none past its block_size: 'n/a' there.
+context the model sees. A model with learned positions has none past its block_size: 'n/a' there;
+ALiBi, RoPE and no positions at all ('position' in model.py) go on. bench_positions.py compares the four.
     python eval_length.py --out_dir=out-shakespeare-char
     python eval_length.py --out_dir=out-alibi --lengths=64,128,256,512 --json_out=assets/length_alibi.json
 """
@@ -55,7 +56,7 @@ try:
 except ValueError as e:
     fail(e)
 model.eval().to(device)
-block_size, alibi = model.config.block_size, model.config.alibi
+block_size, position = model.config.block_size, model.config.position
 
 dataset = dataset or checkpoint.get('config', {}).get('dataset', '')
 if not dataset:
@@ -89,7 +90,7 @@ for L in context_lengths:
     if L not in fits:
         results.append(dict(length=L, loss=None, note=f"{val_path} has only {len(data)} tokens"))
         continue
-    if not alibi and L > block_size:
+    if position == 'learned' and L > block_size:
         results.append(dict(length=L, loss=None, note=f"learned positions stop at block_size={block_size}"))
         continue
     x, y = x_all.view(-1, L), y_all.view(-1, L)
@@ -102,13 +103,13 @@ for L in context_lengths:
             loss_sum += loss.item() * len(x[i:i + per_batch])  # the batch mean, weighted by its windows
     results.append(dict(length=L, loss=loss_sum / len(x)))
 
-print(f"{out_dir} ({'ALiBi' if alibi else 'learned positions'}, block_size {block_size}): "
+print(f"{out_dir} (position={position}, block_size {block_size}): "
       f"val loss over the first {n} tokens of {val_path}")
 print(f"{'context':>8} {'x block':>8}  val loss")
 for r in results:
     print(f"{r['length']:>8} {r['length'] / block_size:>7g}x  " + (f"{r['loss']:.4f}" if r['loss'] is not None else f"n/a ({r['note']})"))
 if json_out:
-    summary = dict(out_dir=out_dir, dataset=dataset, alibi=alibi, block_size=block_size, tokens=n, results=results)
+    summary = dict(out_dir=out_dir, dataset=dataset, position=position, alibi=position == 'alibi', block_size=block_size, tokens=n, results=results)
     try:
         write_atomically(json_out, lambda f: f.write(json.dumps(summary, indent=1).encode()))
     except OSError as e:

@@ -118,9 +118,9 @@ try:
 except ValueError as e:
     fail(e)
 c = model.config
-if c.alibi:
-    fail(f"{ckpt_path} is an ALiBi model, and GPT-2 (Hugging Face's GPT2LMHeadModel) has no ALiBi, only learned "
-         f"positions: it cannot be exported as GPT-2")
+if c.position != 'learned':
+    fail(f"{ckpt_path} is a position='{c.position}' model, and GPT-2 (Hugging Face's GPT2LMHeadModel) has only learned "
+         f"positions: it cannot be exported as GPT-2 (only position='learned' models can)")
 try:
     meta, meta_path, from_file = run_vocabulary(checkpoint, ckpt_path)
 except ValueError as e:

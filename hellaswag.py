@@ -84,8 +84,8 @@ def examples_for_training(path, master_process=True, ddp=False):
 def score_examples(model, examples, device, ctx=nullcontext(), max_len=None):
     """Summed loss over each ending's tokens, and their number: two (len(examples), 4) tensors.
     All candidates of the examples run as one batch, right-padded (padding is never a target).
-    max_len: the longest sequence the model takes; default block_size, none with ALiBi."""
-    if max_len is None and not model.config.alibi:
+    max_len: the longest sequence the model takes; default block_size with learned positions, else none."""
+    if max_len is None and model.config.position == 'learned':
         max_len = model.config.block_size
     rows = []  # (tokens, is_ending) per candidate
     for ex in examples:

@@ -3,8 +3,10 @@ The GPT language model, in one file.
 Module and parameter names follow nanoGPT (and so OpenAI's GPT-2), so their
 checkpoints load unchanged. Three toggles set this model apart:
 - flash_attn: attention through torch's scaled_dot_product_attention, or the explicit softmax.
-- alibi: no position embeddings; a per-head linear distance penalty (Press et al., 2021)
-  that lets a model trained at block_size be evaluated at longer contexts.
+- position: how a token knows where it is. 'learned': a table of position embeddings (wpe), as GPT-2;
+  'alibi': a per-head linear distance penalty on the scores (Press et al., 2021); 'rope': q and k rotated
+  by angles that grow with the position (Su et al., 2021); 'none': nothing but the causal mask (Kazemnejad
+  et al., 2023). The last three have no table, so a model trained at block_size evaluates longer contexts.
 - pretrained token embeddings: GPT(config, pretrained_embeddings=...) starts the tied
   wte/lm_head weight from a given matrix.
 Speed-ups for CPUs live in cpu.py and are applied from outside; reading and writing files in files.py.
@@ -36,8 +38,19 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, as GPT-2; False is a bit faster and better
     flash_attn: bool = True
-    alibi: bool = False
+    position: str = 'learned'  # 'learned', 'alibi', 'rope' or 'none' (the docstring above)
+    rope_base: float = 10000.0  # RoPE: channel pair i turns by rope_base ** (-2i / head size) radians per position
+    alibi: bool = False  # the older switch: True means position='alibi'; kept in step with position
     gelu: str = 'erf'  # the exact GELU, as nanoGPT; 'tanh': GPT-2's approximation, which its weights were trained with
+
+    def __post_init__(self):
+        if self.position not in ('learned', 'alibi', 'rope', 'none'):
+            raise ValueError(f"position={self.position!r} is not 'learned', 'alibi', 'rope' or 'none'")
+        if self.alibi and self.position not in ('learned', 'alibi'):
+            raise ValueError(f"alibi=True and position='{self.position}' disagree (alibi=True means "
+                             f"position='alibi'): set only position")
+        self.position = 'alibi' if self.alibi else self.position  # older configs and checkpoints say alibi=True
+        self.alibi = self.position == 'alibi'
 
 
 class CausalSelfAttention(nn.Module):
@@ -54,15 +67,17 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.flash_attn = config.flash_attn
-        self.alibi = config.alibi
+        self.position = config.position
         self.block_size = config.block_size
 
-    def forward(self, x, attn_bias, kv_cache=None, pos=0):
+    def forward(self, x, attn_bias, rope=None, kv_cache=None, pos=0):
         B, T, C = x.size()  # batch size, sequence length, embedding width (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.position == 'rope':  # before the cache: cached keys keep the rotation of their own position
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:  # decoding: the keys and values of positions 0..pos-1 are kept from earlier calls
             if pos == 0:  # the prompt: room for a whole context, allocated once, never grown
                 kv_cache[:] = [k.new_empty(B, self.n_head, max(T, self.block_size), C // self.n_head) for _ in range(2)]
@@ -71,7 +86,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache[0][:, :, :pos + T], kv_cache[1][:, :, :pos + T]  # (B, nh, Tk, hs), Tk = pos + T
         if self.flash_attn:
             # plain causal attention needs no mask: is_causal says it, and one query may see every key
-            mask = attn_bias if self.alibi or T not in (1, k.size(2)) else None
+            mask = attn_bias if self.position == 'alibi' or T not in (1, k.size(2)) else None
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=mask is None and T > 1)
         else:
@@ -105,8 +120,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_bias, kv_cache=None, pos=0):
-        x = x + self.attn(self.ln_1(x), attn_bias, kv_cache, pos)
+    def forward(self, x, attn_bias, rope=None, kv_cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), attn_bias, rope, kv_cache, pos)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -121,9 +136,9 @@ class GPT(nn.Module):
 
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            # ALiBi puts position into the attention scores instead; wpe comes second, as in nanoGPT,
+            # only learned positions have a table; wpe comes second, as in nanoGPT,
             # because optimizer states are matched to parameters by order when a checkpoint resumes
-            **({} if config.alibi else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
+            **(dict(wpe=nn.Embedding(config.block_size, config.n_embd)) if config.position == 'learned' else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -146,7 +161,7 @@ class GPT(nn.Module):
         """Number of parameters; by default without the position embeddings (the token
         embeddings count, since they are tied to the output layer)."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding and not self.config.alibi:
+        if non_embedding and self.config.position == 'learned':
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -179,7 +194,7 @@ class GPT(nn.Module):
             L = max(Tk, self.config.block_size)
             pos = torch.arange(L, device=device)
             distance = pos[:, None] - pos[None, :]  # query minus key, >= 0 where attention is allowed
-            slopes = alibi_slopes(self.config.n_head) if self.config.alibi else torch.zeros(1)
+            slopes = alibi_slopes(self.config.n_head) if self.config.position == 'alibi' else torch.zeros(1)
             bias = -slopes.to(device)[:, None, None] * distance
             bias = bias.masked_fill(distance < 0, float('-inf')).to(dtype)
             self._attn_bias_cache[(device, dtype)] = bias
@@ -191,21 +206,24 @@ class GPT(nn.Module):
         the loss is computed a few rows at a time (loss.py), never holding all logits: logits is None."""
         device = idx.device
         b, t = idx.size()
-        if not self.config.alibi and pos + t > self.config.block_size:
-            raise ValueError(f"cannot forward a sequence of length {pos + t}: block_size is only "
-                             f"{self.config.block_size} (learned positions); use alibi=True to go longer")
+        position = self.config.position
+        if position == 'learned' and pos + t > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {pos + t}: block_size is only {self.config.block_size} "
+                             f"(learned positions); position='rope', 'alibi' or 'none' go longer")
         x = self.transformer.wte(idx)  # (B, T, n_embd)
-        if not self.config.alibi:
+        if position == 'learned':
             x = x + self.transformer.wpe(torch.arange(pos, pos + t, dtype=torch.long, device=device))
         x = self.transformer.drop(x)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
         attn_bias = self.attention_bias(t, pos + t, device, dtype)
+        hs = self.config.n_embd // self.config.n_head
+        rope = rope_cos_sin(pos, t, hs, self.config.rope_base, device) if position == 'rope' else None  # (T, hs) each
         for i, block in enumerate(self.transformer.h):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # recomputed with the RNG state of the forward, so dropout drops the same units
-                x = torch.utils.checkpoint.checkpoint(block, x, attn_bias, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_bias, rope, use_reentrant=False)
             else:
-                x = block(x, attn_bias, None if kv_cache is None else kv_cache[i], pos)
+                x = block(x, attn_bias, rope, None if kv_cache is None else kv_cache[i], pos)
         x = self.transformer.ln_f(x)
 
         if targets is not None and chunked_loss:
@@ -226,7 +244,7 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         for block in self.transformer.h:
             block.attn.block_size = block_size
-        if not self.config.alibi:
+        if self.config.position == 'learned':
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
@@ -327,7 +345,26 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# helpers: ALiBi slopes, pretrained embeddings, checkpoints' names
+# helpers: RoPE's rotation, ALiBi slopes, pretrained embeddings, checkpoints' names
+
+def rope_cos_sin(pos, T, hs, base, device):
+    """cos and sin of RoPE's angles at positions pos..pos+T-1, each (T, hs): position p turns channel
+    pair i by p * base ** (-2i / hs), from one radian per position (i = 0) down to about 1 / base."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, hs, 2, device=device).float() / hs))  # (hs/2,)
+    angles = torch.arange(pos, pos + T, device=device).float()[:, None] * inv_freq  # (T, hs/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hs): pair i is channels i and i + hs/2
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each channel pair (x_i, x_{i+hs/2}) of x (B, nh, T, hs) by its angle: q . k then depends on
+    the positions only through their distance. Pairs are half-split, as GPT-NeoX and transformers' Llama, not
+    interleaved (x_2i, x_2i+1) as RoFormer: contiguous halves, no strided views, and the same model up to a
+    fixed order of q's and k's channels when trained from scratch."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    rotated_half = torch.cat((-x2, x1), dim=-1)  # (B, nh, T, hs)
+    return (x * cos + rotated_half * sin).to(x.dtype)  # float32 angles; back to the autocast dtype
+
 
 def alibi_slopes(n_head):
     """Per-head slopes of ALiBi: a geometric sequence starting at 2^(-8/n) (Press et al.)."""

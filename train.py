@@ -66,7 +66,9 @@ n_embd = 768
 dropout = 0.0  # pretraining does well without; finetuning may want 0.1 or more
 bias = False  # biases in Linears and LayerNorms (GPT-2 has them; without is a bit faster)
 flash_attn = True  # attention through scaled_dot_product_attention, else the explicit softmax
-alibi = False  # ALiBi position biases instead of learned position embeddings
+position = 'learned'  # 'learned' (nanoGPT's position embeddings), 'alibi', 'rope' or 'none': model.py
+rope_base = 10000.0  # RoPE's base: the slowest-turning channel pair turns about 1/rope_base radians per position
+alibi = False  # the older switch for position='alibi'
 gelu = 'erf'  # the exact GELU, as nanoGPT; 'tanh': GPT-2's approximation (init_from='gpt2*' takes the weights' own)
 pretrained_embeddings = False  # start the token embeddings from data/<dataset>/pretrained_embeddings.pt
 # AdamW
@@ -95,6 +97,7 @@ measure_energy = True  # joules per log line, evaluation and run where the machi
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
 exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())  # overrides from the command line or a config file
+position = 'alibi' if alibi and position == 'learned' else position  # what alibi=True means (GPTConfig checks the rest)
 config = {k: globals()[k] for k in config_keys}  # saved in checkpoints and given to wandb
 # the values, before any work: a mistyped one stops here with a one-line error (configurator's check)
 for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'gradient_accumulation_steps', 'eval_iters',
@@ -108,6 +111,7 @@ check('min_lr', lambda v: not decay_lr or 0 <= v <= learning_rate, f'in [0, lear
 for k in ('dropout', 'beta1', 'beta2'):
     check(k, lambda v: 0 <= v < 1, 'in [0, 1)')
 check('gelu', lambda v: v in ('erf', 'tanh'), "'erf' (the exact GELU, as nanoGPT) or 'tanh' (GPT-2's)")
+check('position', lambda v: v == 'learned' or init_from in ('scratch', 'resume'), f"'learned', as GPT-2's weights (init_from={init_from})")
 check('out_dir', lambda v: v, 'a directory name')
 check('eval_block_size', lambda v: v is None or (type(v) is int and v >= 1), 'an integer >= 1, or None')
 check('chunked_loss', lambda v: v in (None, True, False), 'True, False or None (None: on a CPU only)')
@@ -156,11 +160,11 @@ if init_from == 'resume':  # as in nanoGPT, the checkpoint defines the model: it
         runs.check_resumable(checkpoint, ckpt_path, data_record, config)
     except ValueError as e:
         fail(e)
-    shape = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'alibi', 'gelu')}
+    shape = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'position', 'rope_base', 'gelu')}
     if overridden := {k: v for k, v in shape.items() if v != config[k]}:
         print(f"resuming with the checkpoint's {', '.join(f'{k}={v}' for k, v in overridden.items())} "
               f"(the settings said {', '.join(str(config[k]) for k in overridden)})")
-    n_layer, n_head, n_embd, block_size, bias, alibi, gelu = shape.values()
+    n_layer, n_head, n_embd, block_size, bias, position, rope_base, gelu = shape.values()
     config.update(shape)
     iter_num = checkpoint['iter_num']
     best_val_loss = float(checkpoint['best_val_loss'])  # a tensor in nanoGPT's checkpoints
@@ -170,16 +174,14 @@ elif init_from == 'scratch':
     torch.manual_seed(seed)  # the same initial weights in every process
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                       vocab_size=meta['vocab_size'] if meta else GPTConfig.vocab_size, dropout=dropout,
-                      flash_attn=plan.flash_attn, alibi=alibi, gelu=gelu)
-    try:  # pretrained embeddings: a missing file or one of the wrong shape is named in one line
+                      flash_attn=plan.flash_attn, position=position, rope_base=rope_base, alibi=alibi, gelu=gelu)
+    try:  # a bad position, pretrained embeddings missing or of the wrong shape: named in one line
         embeddings = load_pretrained_embeddings(data_dir, n_embd) if pretrained_embeddings else None
         model = GPT(GPTConfig(**model_args), pretrained_embeddings=embeddings)
     except ValueError as e:
         fail(e)
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     print(f"initializing from OpenAI GPT-2 weights: {init_from}")
-    if alibi:
-        fail(f"alibi=True cannot start from {init_from}, whose weights use learned positions: set alibi=False")
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=dropout, flash_attn=plan.flash_attn))
     except (OSError, ValueError) as e:
@@ -193,9 +195,8 @@ else:
 model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}  # saved in checkpoints
 model_args['flash_attn'] = flash_attn  # the setting is saved; the kernel this device trains with is the plan's
 eval_block_size = eval_block_size or block_size
-if eval_block_size > block_size and not alibi:
-    fail(f"eval_block_size={eval_block_size} is larger than block_size={block_size}: learned position "
-         f"embeddings cannot go past block_size; use alibi=True or eval_block_size <= {block_size}")
+if eval_block_size > block_size and position == 'learned':
+    fail(f"eval_block_size={eval_block_size} is larger than block_size={block_size}, the end of learned positions: try position='rope'")
 try:  # tokens in each split, checked again at every batch: a bin replaced under the run is caught
     split_tokens = {s: len(open_bin(os.path.join(data_dir, f'{s}.bin'), max(block_size, eval_block_size) + 1)) for s in ('train', 'val')}
     check_one_prepare(data_dir, split_tokens)  # not a train.bin and a val.bin of two different prepares
@@ -436,9 +437,8 @@ while True:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
-    t1 = time.time()
-    dt = t1 - t0
-    t0 = t1
+    dt = time.time() - t0
+    t0 += dt
     train_energy = meter.span('train', step=iter_num + 1) if iter_num % log_interval == 0 else None  # every process
     if iter_num % log_interval == 0 and master_process:
         # the loss of the last micro-batch; .item() waits for the GPU, so only every log_interval

@@ -108,14 +108,16 @@ def tiny_model(seed=0, **kw):
 
 def save_tiny_run(path, model, dataset, nanogpt_style=False, iter_num=10):
     """A ckpt.pt as train.py writes it, for model trained on data/<dataset>; nanogpt_style: as the original
-    nanoGPT's (compiled names, causal-mask buffers, no flash_attn/alibi/gelu)."""
+    nanoGPT's (compiled names, causal-mask buffers, no flash_attn/alibi/gelu/position)."""
     import torch
     c = model.config
     model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size, bias=c.bias,
-                      vocab_size=c.vocab_size, dropout=c.dropout, flash_attn=c.flash_attn, alibi=c.alibi, gelu=c.gelu)
+                      vocab_size=c.vocab_size, dropout=c.dropout, flash_attn=c.flash_attn, alibi=c.alibi, gelu=c.gelu,
+                      position=c.position, rope_base=c.rope_base)
     state = model.state_dict()
     if nanogpt_style:
-        del model_args['flash_attn'], model_args['alibi'], model_args['gelu']
+        for k in ('flash_attn', 'alibi', 'gelu', 'position', 'rope_base'):
+            del model_args[k]
         state = {'_orig_mod.' + k: v for k, v in state.items()}
         state.update({f'_orig_mod.transformer.h.{i}.attn.bias': torch.ones(1, 1, c.block_size, c.block_size).tril()
                       for i in range(c.n_layer)})

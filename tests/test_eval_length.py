@@ -17,16 +17,17 @@ VOCAB = 50
 @pytest.fixture(scope='module')
 def project(tmp_path_factory):
     """A project directory as train.py leaves it: data/tiny/val.bin and two trained-at-16 checkpoints,
-    one with learned positions and one with ALiBi."""
+    with learned positions, ALiBi (as older checkpoints say it: alibi=True), RoPE and none."""
     root = tmp_path_factory.mktemp('project')
     shutil.copy(os.path.join(ROOT, 'configurator.py'), root)
     (root / 'data' / 'tiny').mkdir(parents=True)
     rng = np.random.default_rng(0)
     rng.integers(0, VOCAB, 3000).astype(np.uint16).tofile(root / 'data' / 'tiny' / 'val.bin')
-    for name, alibi in [('out-learned', False), ('out-alibi', True)]:
+    for name, position in [('out-learned', {}), ('out-alibi', dict(alibi=True)), ('out-rope', dict(position='rope')),
+                           ('out-none', dict(position='none'))]:
         torch.manual_seed(0)
         model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False, vocab_size=VOCAB,
-                          dropout=0.0, flash_attn=True, alibi=alibi, gelu='erf')
+                          dropout=0.0, flash_attn=True, gelu='erf', **position)
         (root / name).mkdir()
         torch.save(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args, iter_num=0,
                         config=dict(dataset='tiny', block_size=16)), root / name / 'ckpt.pt')
@@ -49,15 +50,17 @@ def expected_loss(project, out_dir, length, n):
     return loss.item()
 
 
-def test_alibi_is_evaluated_past_its_block_size(project):
-    proc = run(project, '--out_dir=out-alibi', '--json_out=alibi.json', '--num_tokens=2048', '--batch_tokens=256')
+@pytest.mark.parametrize('position', ['alibi', 'rope', 'none'])
+def test_positions_without_a_table_are_evaluated_past_the_block_size(project, position):
+    proc = run(project, f'--out_dir=out-{position}', f'--json_out={position}.json', '--num_tokens=2048', '--batch_tokens=256')
     assert proc.returncode == 0, proc.stderr
-    out = json.loads((project / 'alibi.json').read_text())
-    assert out['alibi'] and out['block_size'] == 16 and out['tokens'] == 2048
+    out = json.loads((project / f'{position}.json').read_text())
+    assert out['position'] == position and out['alibi'] == (position == 'alibi')
+    assert out['block_size'] == 16 and out['tokens'] == 2048
     assert [r['length'] for r in out['results']] == [8, 16, 32, 64]
     for r in out['results']:
-        assert r['loss'] == pytest.approx(expected_loss(project, 'out-alibi', r['length'], 2048), abs=1e-5)
-    assert '     64       4x  ' in proc.stdout
+        assert r['loss'] == pytest.approx(expected_loss(project, f'out-{position}', r['length'], 2048), abs=1e-5)
+    assert '     64       4x  ' in proc.stdout and f'(position={position}, block_size 16)' in proc.stdout
 
 
 def test_learned_positions_stop_at_block_size(project):

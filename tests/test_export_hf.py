@@ -121,10 +121,12 @@ def test_init_from_the_export_gives_our_loss_and_trains(repo, monkeypatch, capsy
     assert expected_text in result.stdout
 
 
-def test_alibi_export_is_refused_and_writes_nothing(repo, monkeypatch):
-    save_tiny_run(str(repo / 'out' / 'ckpt.pt'), tiny_model(alibi=True), 'somebpe')
+@pytest.mark.parametrize('position', [dict(alibi=True), dict(position='rope'), dict(position='none')])
+def test_export_without_learned_positions_is_refused_and_writes_nothing(repo, monkeypatch, position):
+    save_tiny_run(str(repo / 'out' / 'ckpt.pt'), tiny_model(**position), 'somebpe')
     message = exit_message(monkeypatch, repo, 'export_hf.py', '--out_dir=out', '--hf_dir=hf')  # and no file written
-    assert 'ALiBi' in message and 'GPT-2' in message
+    assert f"position='{position.get('position', 'alibi')}' model" in message and 'only learned positions' in message
+    assert not os.path.exists(repo / 'hf')
 
 
 def test_existing_hf_dir_is_kept_unless_overwrite(repo, monkeypatch, capsys):

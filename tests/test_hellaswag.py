@@ -132,15 +132,15 @@ def test_scoring_builds_no_autograd_graph():
     assert model.training  # and the model is left as it was
 
 
-@pytest.mark.parametrize('alibi', [False, True])
-def test_long_contexts_are_cropped_from_the_left_unless_alibi(alibi):
+@pytest.mark.parametrize('position', ['learned', 'alibi', 'rope', 'none'])
+def test_long_contexts_are_cropped_from_the_left_only_with_learned_positions(position):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32, alibi=alibi)).eval()
+    model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32, position=position)).eval()
     ctx = torch.randint(0, 100, (40,)).tolist()
     endings = [torch.randint(0, 100, (5,)).tolist() for _ in range(4)]
     long_sums, _ = score_examples(model, [dict(ctx=ctx, endings=endings, label=0)], 'cpu')
     cropped_sums, _ = score_examples(model, [dict(ctx=ctx[-11:], endings=endings, label=0)], 'cpu')
-    if alibi:  # ALiBi takes the whole 45 tokens, past its block_size
+    if position != 'learned':  # the whole 45 tokens, past the block_size
         assert not torch.allclose(long_sums, cropped_sums, atol=1e-4)
     else:  # the last 16 tokens: the end of the context and the whole ending
         assert torch.allclose(long_sums, cropped_sums, atol=1e-5)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import loss as loss_module
 from loss import chunked_cross_entropy, loss_and_grads_by_chunks
-from model import GPT, GPTConfig, alibi_slopes, clean_state_dict, fit_pretrained_embeddings
+from model import GPT, GPTConfig, alibi_slopes, apply_rope, clean_state_dict, fit_pretrained_embeddings, rope_cos_sin
 
 
 def tiny_config(**kw):
@@ -89,9 +89,9 @@ def test_from_pretrained_rejects_other_overrides(hf_dir):
         GPT.from_pretrained(str(hf_dir), override_args={'n_layer': 2})
 
 
-@pytest.mark.parametrize('alibi', [False, True])
-def test_flash_equals_explicit_attention(alibi):
-    flash, explicit = twin_models(alibi=alibi)
+@pytest.mark.parametrize('position', ['learned', 'alibi', 'rope', 'none'])
+def test_flash_equals_explicit_attention(position):
+    flash, explicit = twin_models(position=position)
     idx = torch.randint(0, 96, (3, 32))
     a, loss_a = flash.eval()(idx, idx)
     b, loss_b = explicit.eval()(idx, idx)
@@ -123,8 +123,8 @@ def test_attention_dropout_is_applied_in_training(flash):
     assert torch.equal(e1, e2)
 
 
-@pytest.mark.parametrize('alibi', [False, True])
-def test_flash_attn_picks_the_kernel_and_both_train(alibi, monkeypatch):
+@pytest.mark.parametrize('position', ['learned', 'alibi', 'rope', 'none'])
+def test_flash_attn_picks_the_kernel_and_both_train(position, monkeypatch):
     """flash_attn=True goes through sdpa, under autocast too; False through the explicit products; the losses agree."""
     calls = []
     sdpa = F.scaled_dot_product_attention
@@ -133,7 +133,7 @@ def test_flash_attn_picks_the_kernel_and_both_train(alibi, monkeypatch):
     losses = {}
     for flash in (True, False):
         torch.manual_seed(0)
-        model = GPT(tiny_config(flash_attn=flash, alibi=alibi))
+        model = GPT(tiny_config(flash_attn=flash, position=position))
         with torch.autocast('cpu', dtype=torch.bfloat16):
             _, losses[flash] = model(idx, idx)
         assert len(calls) == 2  # the two layers through sdpa with flash_attn=True, and none more without
@@ -183,8 +183,55 @@ def test_alibi_long_context_agrees_between_flash_and_explicit():
 
 def test_learned_positions_refuse_longer_than_block_size():
     model = GPT(tiny_config())
-    with pytest.raises(ValueError, match='block_size is only 32.*alibi=True'):
+    with pytest.raises(ValueError, match="block_size is only 32.*position='rope', 'alibi' or 'none'"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize('position', ['alibi', 'rope', 'none'])
+def test_schemes_without_a_table_evaluate_at_4x_block_size_alike_in_both_kernels(position):
+    flash, explicit = twin_models(position=position)
+    idx = torch.randint(0, 96, (2, 128))
+    a, loss = flash.eval()(idx, idx)
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(96)) < 1.0  # untrained: near uniform
+    assert (a - explicit.eval()(idx, idx)[0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize('pos', [0, 37])
+@pytest.mark.parametrize('base', [10000.0, 500000.0])
+def test_rope_equals_transformers_llama_rotary_embedding(pos, base):
+    """Our rotation of q and k against transformers' own (LlamaRotaryEmbedding and apply_rotary_pos_emb, the
+    same half-split convention), at positions offset as in decoding with a KV cache."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    torch.manual_seed(0)
+    B, nh, T, hs = 2, 3, 50, 16
+    q, k = torch.randn(B, nh, T, hs), torch.randn(B, nh, T, hs)
+    hf_config = LlamaConfig(hidden_size=nh * hs, num_attention_heads=nh, max_position_embeddings=1024,
+                            rope_parameters={'rope_type': 'default', 'rope_theta': base})
+    positions = torch.arange(pos, pos + T)[None].expand(B, T)
+    cos, sin = LlamaRotaryEmbedding(hf_config)(q, positions)  # (B, T, hs) each
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos, sin)
+    ours = rope_cos_sin(pos, T, hs, base, q.device)
+    torch.testing.assert_close(apply_rope(q, *ours), q_hf, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(apply_rope(k, *ours), k_hf, rtol=1e-6, atol=1e-6)
+    # what RoPE is for: a query-key score that depends on the distance only, not on where the pair sits
+    far = rope_cos_sin(pos + 500, T, hs, base, q.device)
+    torch.testing.assert_close(apply_rope(q, *ours) @ apply_rope(k, *ours).transpose(-2, -1),
+                               apply_rope(q, *far) @ apply_rope(k, *far).transpose(-2, -1), rtol=1e-4, atol=1e-4)
+
+
+def test_position_setting_and_the_older_alibi_switch():
+    assert GPTConfig(alibi=True).position == 'alibi' and GPTConfig(position='alibi').alibi
+    assert not GPTConfig(position='rope').alibi and GPTConfig().position == 'learned'
+    # an older checkpoint's model_args (alibi, no position) give the same model, without a position table
+    old = GPT(tiny_config(alibi=True))
+    assert 'transformer.wpe.weight' not in old.state_dict() and old.config.position == 'alibi'
+    for position in ('rope', 'none'):
+        assert not any('wpe' in k for k in GPT(tiny_config(position=position)).state_dict())
+    with pytest.raises(ValueError, match="alibi=True and position='rope' disagree"):
+        GPTConfig(alibi=True, position='rope')
+    with pytest.raises(ValueError, match="position='rotary' is not 'learned', 'alibi', 'rope' or 'none'"):
+        GPTConfig(position='rotary')
 
 
 def test_pretrained_embeddings_are_what_the_model_computes_with():
@@ -409,17 +456,19 @@ def test_clean_state_dict_reads_compiled_and_non_flash_nanogpt_checkpoints():
     GPT(tiny_config()).load_state_dict(clean_state_dict(sd))
 
 
-@pytest.mark.parametrize('alibi', [False, True])
+@pytest.mark.parametrize('position', ['learned', 'alibi', 'rope', 'none'])
 @pytest.mark.parametrize('flash', [False, True])
-def test_kv_cache_in_chunks_equals_one_forward(flash, alibi):
+def test_kv_cache_in_chunks_equals_one_forward(flash, position):
     torch.manual_seed(0)
-    model = GPT(tiny_config(flash_attn=flash, alibi=alibi)).eval()
+    model = GPT(tiny_config(flash_attn=flash, position=position)).eval()
     idx = torch.randint(0, 96, (2, 20))
     full, _ = model(idx, idx)
     kv_cache = [[] for _ in model.transformer.h]
     model(idx[:, :8], kv_cache=kv_cache)
-    model(idx[:, 8:13], kv_cache=kv_cache, pos=8)  # several new positions at once: the mask must be offset
+    # several new positions at once: the mask (and RoPE's angles) must be offset by the cache's length
+    middle, _ = model(idx[:, 8:13], kv_cache=kv_cache, pos=8)
     last, _ = model(idx[:, 13:], kv_cache=kv_cache, pos=13)
+    assert (middle[:, -1] - full[:, 12]).abs().max().item() < 1e-5
     assert (last[:, -1] - full[:, -1]).abs().max().item() < 1e-5
 
 

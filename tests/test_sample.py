@@ -39,11 +39,11 @@ def nanogpt_greedy(model, idx, steps):
 
 # ----------------------------------------------------------------------------- KV-cache generation
 
-@pytest.mark.parametrize('alibi', [False, True])
+@pytest.mark.parametrize('position', ['learned', 'alibi', 'rope', 'none'])
 @pytest.mark.parametrize('flash', [False, True])
 @pytest.mark.parametrize('prompt_len,steps', [(3, 10), (3, 40), (20, 5)])  # inside, past, and a prompt past block_size
-def test_cached_greedy_is_nanogpts_loop(alibi, flash, prompt_len, steps):
-    model = tiny_model(alibi=alibi, flash_attn=flash)
+def test_cached_greedy_is_nanogpts_loop(position, flash, prompt_len, steps):
+    model = tiny_model(position=position, flash_attn=flash)
     idx = torch.randint(0, 50, (2, prompt_len))
     cached = model.generate(idx, steps, top_k=1)
     assert cached.shape == (2, prompt_len + steps)
@@ -51,9 +51,9 @@ def test_cached_greedy_is_nanogpts_loop(alibi, flash, prompt_len, steps):
     assert torch.equal(cached, nanogpt_greedy(model, idx, steps))
 
 
-@pytest.mark.parametrize('alibi', [False, True])
-def test_cached_sampling_draws_the_same_tokens(alibi):
-    model = tiny_model(alibi=alibi)
+@pytest.mark.parametrize('position', ['learned', 'alibi', 'rope', 'none'])
+def test_cached_sampling_draws_the_same_tokens(position):
+    model = tiny_model(position=position)
     idx = torch.randint(0, 50, (3, 2))
     outs = []
     for use_cache in (True, False):

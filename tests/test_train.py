@@ -88,14 +88,14 @@ def test_short_run_lowers_loss_and_writes_checkpoint(repo):
 
 
 def test_resume_reproduces_the_uninterrupted_run(repo):
-    run(repo, *TINY, '--gelu=tanh', '--max_iters=12', '--eval_interval=6', '--out_dir=straight')
-    run(repo, *TINY, '--gelu=tanh', '--max_iters=6', '--eval_interval=6', '--out_dir=stopped')
+    run(repo, *TINY, '--gelu=tanh', '--position=rope', '--max_iters=12', '--eval_interval=6', '--out_dir=straight')
+    run(repo, *TINY, '--gelu=tanh', '--position=rope', '--max_iters=6', '--eval_interval=6', '--out_dir=stopped')
     assert load_ckpt(repo / 'stopped' / 'ckpt.pt')['iter_num'] == 6
-    # as nanoGPT, without the shape settings: the checkpoint's shape (and GELU) wins over the defaults, and says so
+    # as nanoGPT, without the shape settings: the checkpoint's shape (and GELU, positions) wins over the defaults, and says so
     settings = [arg for arg in TINY if not arg.startswith(SHAPE)]
     resumed = run(repo, *settings, '--max_iters=12', '--eval_interval=6', '--out_dir=stopped', '--init_from=resume')
-    assert ("resuming with the checkpoint's n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, gelu=tanh "
-            "(the settings said 12, 12, 768, 1024, False, erf)\n") in resumed.stdout
+    assert ("resuming with the checkpoint's n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, position=rope, "
+            "gelu=tanh (the settings said 12, 12, 768, 1024, False, learned, erf)\n") in resumed.stdout
     assert load_ckpt(repo / 'stopped' / 'ckpt.pt')['config']['n_layer'] == 2
     straight, resumed = read_log(repo, 'straight'), read_log(repo, 'stopped')
     assert iter_losses(resumed) == iter_losses(straight)  # dropout is on: its randomness must resume too
@@ -238,14 +238,17 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint(repo):
     assert load_ckpt(repo / 'out' / 'ckpt.pt')['iter_num'] == 10
 
 
-def test_alibi_trains_at_one_block_size_and_evaluates_at_twice_it(repo):
+@pytest.mark.parametrize('setting, position', [('--alibi=True', 'alibi'), ('--position=rope', 'rope'),
+                                               ('--position=none', 'none')])
+def test_positions_without_a_table_train_at_one_block_size_and_evaluate_at_twice_it(repo, setting, position):
     # a val split of exactly one window of 32 + 1 tokens: the evaluation can only be over that window
     val = np.fromfile(repo / 'data' / 'tiny' / 'val.bin', dtype=np.uint16)[:33]
     val.tofile(repo / 'data' / 'tiny' / 'val.bin')
-    run(repo, *TINY, '--alibi=True', '--eval_block_size=32', '--max_iters=6', '--eval_interval=6')
+    run(repo, *TINY, setting, '--eval_block_size=32', '--max_iters=6', '--eval_interval=6')
     final = [r for r in read_log(repo) if 'step' in r][-1]
     ckpt = load_ckpt(repo / 'out' / 'ckpt.pt')
-    assert ckpt['model_args']['alibi'] and ckpt['model_args']['block_size'] == 16
+    assert ckpt['model_args']['position'] == position and ckpt['model_args']['block_size'] == 16
+    assert ckpt['model_args']['alibi'] == (position == 'alibi')  # kept in step: older code reads alibi
     model = GPT(GPTConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
     model.eval()
@@ -300,8 +303,10 @@ def error_of(repo, monkeypatch, *args):
 @pytest.mark.parametrize('args, fragments', [
     (['--dataset=nothing'], ['no data/nothing/train.bin', 'python data/nothing/prepare.py']),
     (['--init_from=resume'], ['no checkpoint out/ckpt.pt', 'train one first']),
-    (['--eval_block_size=32'], ['eval_block_size=32 is larger than block_size=16', 'alibi=True']),
+    (['--eval_block_size=32'], ['eval_block_size=32 is larger than block_size=16', "position='rope'"]),
     (['--eval_block_size=0'], ['eval_block_size=0 is not an integer >= 1, or None']),
+    (['--position=rotary'], ["position='rotary' is not 'learned', 'alibi', 'rope' or 'none'"]),
+    (['--alibi=True', '--position=rope'], ["alibi=True and position='rope' disagree", 'set only position']),
     (['--pretrained_embeddings=True'], ['no data/tiny/pretrained_embeddings.pt', 'python data/openwebtext/pretrained_embeddings.py']),
     (['--init_from=gtp2'], ["init_from='gtp2' is not"]),
     (['--dtype=float8'], ["dtype='float8' is not one of 'auto', 'float32', 'bfloat16', 'float16'"]),
@@ -420,6 +425,12 @@ def test_resumes_a_checkpoint_written_by_the_original_nanogpt(repo, tmp_path):
         torch.testing.assert_close(ours(x, x)[0], theirs(x, x)[0], rtol=0, atol=1e-6)  # nanoGPT's exact GELU too
 
 
+@pytest.mark.parametrize('args', [['--position=rope'], ['--alibi=True']])
+def test_pretrained_gpt2_keeps_its_learned_positions(repo, monkeypatch, hf_dir, args):
+    message = error_of(repo, monkeypatch, f'--init_from={hf_dir}', *args)
+    assert f"is not 'learned', as GPT-2's weights (init_from={hf_dir})" in message
+
+
 def test_block_size_larger_than_the_pretrained_model(repo, monkeypatch, hf_dir):
     message = error_of(repo, monkeypatch, f'--init_from={hf_dir}', '--block_size=64')
     assert f"block_size=64 is larger than {hf_dir}'s 32: use --block_size=32 or less" in message
@@ -467,6 +478,15 @@ def test_fsdp_trains_like_one_process_and_its_checkpoints_resume_anywhere(repo):
                              '--num_samples=1', '--max_new_tokens=20', '--start=a'], cwd=repo, capture_output=True, text=True)
     assert sample.returncode == 0, sample.stderr[-2000:]
     assert any(len(line) == 21 and line.startswith('a') for line in sample.stdout.splitlines()), sample.stdout
+
+
+def test_fsdp_trains_rope_like_one_process(repo):
+    args = [*TINY, '--position=rope', '--gradient_accumulation_steps=4', '--eval_interval=3', '--max_iters=3']
+    run(repo, *args, '--out_dir=single')
+    run(repo, *args, '--out_dir=fsdp', '--fsdp=True', torchrun=True)
+    evals = lambda out_dir: [r['val_loss'] for r in read_log(repo, out_dir) if 'step' in r]
+    assert evals('fsdp') == pytest.approx(evals('single'), rel=1e-5)
+    assert load_ckpt(repo / 'fsdp' / 'ckpt.pt')['model_args']['position'] == 'rope'
 
 
 def test_fsdp_without_torchrun(repo, monkeypatch):
