@@ -75,9 +75,9 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # largest gradient norm; 0.0: no clipping
 optimizer = 'adamw'  # nanoGPT's AdamW; 'muon': Muon for the Blocks' matrices, AdamW for the rest (optim.py)
-muon_lr = 0.02  # Muon's peak learning rate, on learning_rate's schedule (scaled by muon_lr / learning_rate)
-muon_momentum = 0.95
-muon_weight_decay = 0.0
+muon_lr = 0.02  # Muon's peak, on learning_rate's schedule; KellerJordan/Muon's default, PyTorch docs' example
+muon_momentum = 0.95  # torch.optim.Muon's default and KellerJordan/Muon's
+muon_weight_decay = 0.0  # KellerJordan/Muon's default (torch.optim.Muon's is 0.1, applied as muon_lr * decay)
 # learning rate schedule
 decay_lr = True  # False: learning_rate throughout
 warmup_iters = 2000
