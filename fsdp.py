@@ -1,8 +1,9 @@
 """
 Fully sharded data parallel (FSDP2, torch.distributed.fsdp.fully_shard) for train.py --fsdp=True.
-Every process keeps 1/N of the parameters, gradients and AdamW moments; a Block's parameters are
-gathered whole just for its forward and backward. The states move in and out whole, in the layout
-of a plain GPT and AdamW, so ckpt.pt is the same file whether the run that wrote it was sharded or not.
+Every process keeps 1/N of the parameters, gradients and optimizer states; a Block's parameters are
+gathered whole just for its forward and backward (Muon's orthogonalisation gathers each matrix it steps).
+The states move in and out whole, in the layout of a plain GPT and optimizer (AdamW, or optim.py's
+Muon and AdamW), so ckpt.pt is the same file whether the run that wrote it was sharded or not.
 """
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -31,19 +32,32 @@ def full_state_dicts(model, optimizer):
     empty dicts). Every process must call it: the shards are gathered one tensor at a time."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
+    if hasattr(optimizer, 'muon'):  # optim.MuonAdamW: its two optimizers, each in a plain one's layout
+        optimizer_state = {k: full_optimizer_state(model, getattr(optimizer, k), options) for k in ('adamw', 'muon')}
+    else:
+        optimizer_state = full_optimizer_state(model, optimizer, options)
+    if model_state:
+        model_state['lm_head.weight'] = model_state['transformer.wte.weight']  # tied: one tensor in the file, as a plain GPT saves it
+    return model_state, optimizer_state
+
+
+def full_optimizer_state(model, optimizer, options):
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     if not optimizer_state:
-        return model_state, optimizer_state
-    model_state['lm_head.weight'] = model_state['transformer.wte.weight']  # tied: one tensor in the file, as a plain GPT saves it
-    # torch.distributed keys the optimizer's state by parameter name; a plain AdamW numbers it
+        return optimizer_state
+    # torch.distributed keys the optimizer's state by parameter name; a plain optimizer numbers it
     number = {name: i for i, name in enumerate(optimizer_parameter_names(model, optimizer))}
-    return model_state, {'state': {number[n]: s for n, s in optimizer_state['state'].items()},
-                         'param_groups': [{**g, 'betas': tuple(g['betas']), 'params': [number[n] for n in g['params']]}
-                                          for g in optimizer_state['param_groups']]}  # betas: a list after torch.distributed
+    return {'state': {number[n]: s for n, s in optimizer_state['state'].items()},
+            'param_groups': [{**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()},  # betas: lists after torch.distributed
+                              'params': [number[n] for n in g['params']]} for g in optimizer_state['param_groups']]}
 
 
 def load_full_optimizer_state(model, optimizer, state_dict):
-    """Load a plain AdamW's state dict (every process holds it whole) into the sharded optimizer."""
+    """Load a plain optimizer's state dict (every process holds it whole) into the sharded optimizer."""
+    if hasattr(optimizer, 'muon'):  # optim.MuonAdamW
+        for k in ('adamw', 'muon'):
+            load_full_optimizer_state(model, getattr(optimizer, k), state_dict[k])
+        return
     names = optimizer_parameter_names(model, optimizer)
     by_name = {'state': {names[i]: s for i, s in state_dict['state'].items()},
                'param_groups': [{**g, 'params': [names[i] for i in g['params']]} for g in state_dict['param_groups']]}

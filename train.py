@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
 import energy
+import optim
 import runtime
 import runs
 from configurator import fail, check
@@ -78,6 +79,10 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # largest gradient norm; 0.0: no clipping
+optimizer = 'adamw'  # nanoGPT's AdamW; 'muon': Muon for the Blocks' matrices, AdamW for the rest (optim.py)
+muon_lr = 0.02  # Muon's peak, on learning_rate's schedule; KellerJordan/Muon's default, PyTorch docs' example
+muon_momentum = 0.95  # torch.optim.Muon's default and KellerJordan/Muon's
+muon_weight_decay = 0.0  # KellerJordan/Muon's default (torch.optim.Muon's is 0.1, applied as muon_lr * decay)
 # learning rate schedule
 decay_lr = True  # False: learning_rate throughout
 warmup_iters = 2000
@@ -104,12 +109,13 @@ for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'gradient_a
           'eval_interval', 'log_interval', 'ddp_timeout'):
     check(k, lambda v: v >= 1, 'an integer >= 1')
 for k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'hellaswag_interval', 'seed', 'learning_rate', 'weight_decay',
-          'grad_clip'):
+          'grad_clip', 'muon_lr', 'muon_weight_decay'):
     check(k, lambda v: v >= 0, 'a number >= 0')
 check('n_embd', lambda v: v % n_head == 0, f'a multiple of n_head={n_head}')
 check('min_lr', lambda v: not decay_lr or 0 <= v <= learning_rate, f'in [0, learning_rate={learning_rate}] (or decay_lr=False)')
-for k in ('dropout', 'beta1', 'beta2'):
+for k in ('dropout', 'beta1', 'beta2', 'muon_momentum'):
     check(k, lambda v: 0 <= v < 1, 'in [0, 1)')
+check('optimizer', lambda v: v in ('adamw', 'muon'), "'adamw' (nanoGPT's) or 'muon' (Muon for the Blocks' matrices)")
 check('gelu', lambda v: v in ('erf', 'tanh'), "'erf' (the exact GELU, as nanoGPT) or 'tanh' (GPT-2's)")
 check('position', lambda v: v == 'learned' or init_from in ('scratch', 'resume'), f"'learned', as GPT-2's weights (init_from={init_from})")
 check('out_dir', lambda v: v, 'a directory name')
@@ -158,6 +164,7 @@ if init_from == 'resume':  # as in nanoGPT, the checkpoint defines the model: it
     try:
         model, checkpoint = load_checkpoint(out_dir, override_args=dict(dropout=dropout, flash_attn=plan.flash_attn))
         runs.check_resumable(checkpoint, ckpt_path, data_record, config)
+        optim.check_resumable(checkpoint, optimizer, ckpt_path)
     except ValueError as e:
         fail(e)
     shape = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'position', 'rope_base', 'gelu')}
@@ -224,20 +231,14 @@ model.gradient_checkpointing = gradient_checkpointing
 if device_type == 'cpu':
     cpu.speed_up(model, training=True)  # bit-mask dropout, freed memory kept (cpu.py)
 if fsdp:  # sharded in place: still the GPT, with hooks that gather each Block's parameters for its passes
-    from fsdp import shard_model, full_state_dicts, load_full_optimizer_state
+    from fsdp import shard_model, full_state_dicts
     shard_model(model, param_dtype=plan.autocast)  # None: float32, nothing cast
 raw_model = model  # the plain GPT: its state_dict has clean names, for checkpoints
 checkpoint_iter = iter_num if checkpoint is not None else None  # the iteration the checkpoint on disk holds
 
 scaler = runtime.grad_scaler(plan)  # float16 needs loss scaling against underflowing gradients; a no-op otherwise
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-if checkpoint is not None:
-    if fsdp:
-        load_full_optimizer_state(model, optimizer, checkpoint['optimizer'])
-    else:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-    if checkpoint.get('scaler'):
-        scaler.load_state_dict(checkpoint['scaler'])
+optimizer = optim.configure_optimizer(model, config, device_type)  # the setting optimizer names which
+optim.load_state(model, optimizer, scaler, checkpoint, fsdp)  # on resume: the optimizer's and the scaler's states
 wandb_run_id = (checkpoint or {}).get('wandb_run_id')  # a resumed run logs on to its wandb run
 checkpoint = None  # free its memory
 
@@ -384,8 +385,7 @@ running_mfu = None  # shown once measured, past the first iterations
 while True:
 
     lr = get_lr(iter_num) if decay_lr else learning_rate
-    for param_group in optimizer.param_groups:
-        param_group['lr'] = lr
+    optim.set_lr(optimizer, lr)
 
     # evaluate, and save a checkpoint, every eval_interval iterations and at the end
     if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:

@@ -1,0 +1,93 @@
+"""
+The optimizer train.py steps, saves and loads. optimizer='adamw' (the default) is nanoGPT's AdamW,
+model.configure_optimizers, unchanged. optimizer='muon' steps the matrices inside the Blocks (the
+attention's and the MLP's weights) with Muon, PyTorch's torch.optim.Muon: each update is the momentum
+made nearly orthogonal by a few Newton-Schulz iterations, so every direction of the matrix moves by a
+similar amount (Keller Jordan, https://kellerjordan.github.io/posts/muon/). What Muon is not meant for
+stays with AdamW, as its authors and PyTorch's docs advise: the token and position embeddings (the token
+embedding is also the tied head), the biases and the LayerNorm gains.
+"""
+import torch
+
+
+def muon_parameter_names(model):
+    """The parameters Muon steps: the 2-D weights inside the Blocks."""
+    return [n for n, p in model.named_parameters() if n.startswith('transformer.h.') and p.dim() == 2]
+
+
+class MuonAdamW:
+    """Muon for the Blocks' matrices, AdamW for the rest, stepped, zeroed, saved and loaded as one optimizer.
+    Muon's learning rate follows the same schedule as AdamW's, scaled by muon_lr / learning_rate."""
+
+    def __init__(self, model, learning_rate, weight_decay, betas, muon_lr, muon_momentum, muon_weight_decay, fused):
+        muon_names = set(muon_parameter_names(model))
+        rest = [(n, p) for n, p in model.named_parameters() if n not in muon_names]
+        matrices = [p for n, p in model.named_parameters() if n in muon_names]
+        self.muon = torch.optim.Muon(matrices, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)
+        # as in nanoGPT: the embeddings are decayed, biases and gains are not
+        groups = [{'params': [p for _, p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for _, p in rest if p.dim() < 2], 'weight_decay': 0.0}]
+        self.adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+        self.muon_lr_scale = muon_lr / learning_rate if learning_rate > 0 else 0.0
+        print(f"Muon: {len(matrices)} matrices with {sum(p.numel() for p in matrices):,} parameters; AdamW: "
+              f"{len(rest)} tensors (embeddings, biases, gains) with {sum(p.numel() for _, p in rest):,}")
+
+    @property
+    def param_groups(self):  # all of them, e.g. for GradScaler.unscale_
+        return self.adamw.param_groups + self.muon.param_groups
+
+    def step(self):
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {'adamw': self.adamw.state_dict(), 'muon': self.muon.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        self.adamw.load_state_dict(state_dict['adamw'])
+        self.muon.load_state_dict(state_dict['muon'])
+
+
+def configure_optimizer(model, config, device_type):
+    """The optimizer that config['optimizer'] names, for model's parameters."""
+    c = config
+    if c['optimizer'] == 'adamw':
+        return model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']), device_type)
+    return MuonAdamW(model, c['learning_rate'], c['weight_decay'], (c['beta1'], c['beta2']), c['muon_lr'],
+                     c['muon_momentum'], c['muon_weight_decay'], fused=device_type in ('cuda', 'mps', 'cpu'))
+
+
+def set_lr(optimizer, lr):
+    """This iteration's learning rate from the schedule: AdamW's, and Muon's scaled from it."""
+    adamw = optimizer.adamw if isinstance(optimizer, MuonAdamW) else optimizer
+    for group in adamw.param_groups:
+        group['lr'] = lr
+    if adamw is not optimizer:
+        for group in optimizer.muon.param_groups:
+            group['lr'] = lr * optimizer.muon_lr_scale
+
+
+def load_state(model, optimizer, scaler, checkpoint, fsdp=False):
+    """On resume (checkpoint not None), the checkpoint's optimizer and grad-scaler states; under FSDP each
+    process takes its shards of the optimizer's."""
+    if checkpoint is None:
+        return
+    if fsdp:
+        from fsdp import load_full_optimizer_state
+        load_full_optimizer_state(model, optimizer, checkpoint['optimizer'])
+    else:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    if checkpoint.get('scaler'):
+        scaler.load_state_dict(checkpoint['scaler'])
+
+
+def check_resumable(checkpoint, optimizer, ckpt_path):
+    """A ValueError unless the checkpoint was trained with this optimizer (nanoGPT's have no setting: AdamW)."""
+    trained_with = checkpoint.get('config', {}).get('optimizer', 'adamw')
+    if trained_with != optimizer:
+        raise ValueError(f"{ckpt_path} was trained with optimizer='{trained_with}', whose state cannot go on in "
+                         f"optimizer='{optimizer}': resume with --optimizer={trained_with}")
