@@ -30,12 +30,17 @@ shape = 'gpt2'  # GPT-2 124M; 'tiny': every run at a tiny shape, seconds on a CP
 compile = True  # torch.compile the training steps and the shakespeare run
 budget_s = 420.0  # seconds this script may take; bench_gpu.sh gives it what is left of 8 minutes after the install
 shakespeare_iters = 500  # the fixed short run of config/train_shakespeare_char.py
+variants = 'learned sdpa, learned explicit, ALiBi sdpa, ALiBi explicit'  # the training steps timed: positions attention
+sample_batches = '1, 8'  # bench.py --mode=sample at these batch sizes
 table = ''  # also write the table to this file
 log_dir = ''  # keep every run's output there (bench_gpu.sh: $OUT on a GPU machine); '' : a temporary folder
 exec(open('configurator.py').read())
 check('shape', lambda v: v in ('gpt2', 'tiny'), "'gpt2' or 'tiny'")
 check('budget_s', lambda v: v > 0, 'a number of seconds > 0')
 check('shakespeare_iters', lambda v: v >= 1, 'an integer >= 1')
+check('variants', lambda v: all(x.split() in ([p, a] for p in ('learned', 'ALiBi') for a in ('sdpa', 'explicit'))
+                                for x in v.split(',')), "a comma-separated list of 'learned' or 'ALiBi', then 'sdpa' or 'explicit'")
+check('sample_batches', lambda v: all(int(b) >= 1 for b in v.split(',')), 'a comma-separated list of batch sizes')
 # -----------------------------------------------------------------------------
 start = time.monotonic()
 left = lambda: budget_s - (time.monotonic() - start)
@@ -53,8 +58,9 @@ else:
     energy_args, sample_args = ['--energy_rounds=1', '--energy_seconds=0.1'], ['--max_new_tokens=8', '--sample_rounds=1']
     shakespeare_args = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=2',
                         '--dropout=0.0', '--warmup_iters=2']
-VARIANTS = {'learned, sdpa': ['--alibi=False', '--flash_attn=True'], 'learned, explicit': ['--alibi=False', '--flash_attn=False'],
-            'ALiBi, sdpa': ['--alibi=True', '--flash_attn=True'], 'ALiBi, explicit': ['--alibi=True', '--flash_attn=False']}
+VARIANTS = {', '.join(v.split()): [f"--alibi={v.split()[0] == 'ALiBi'}", f"--flash_attn={v.split()[1] == 'sdpa'}"]
+            for v in variants.split(',')}  # 'learned, sdpa': its bench.py flags
+batches = [int(b) for b in sample_batches.split(',')]
 skipped = []  # what the budget left out, said under the table
 logs = log_dir or tempfile.mkdtemp(prefix='bench_gpu-')
 os.makedirs(logs, exist_ok=True)
@@ -149,10 +155,10 @@ def memory_prediction():
 # -----------------------------------------------------------------------------
 # side by side: the tests, the shakespeare run, and the compiled steps' warm-up (their timings are not used)
 bench = [sys.executable, 'bench.py', *common, *shape_args, '--real_data=False', f'--compile={compile}']
-phase2 = 4 * cost['step'] + cost['eager'] + 2 * cost['sample']  # what the timed runs after this phase need
+phase2 = len(VARIANTS) * cost['step'] + cost['eager'] + len(batches) * cost['sample']  # what the timed runs after this phase need
 tests = start_job('tests/test_cuda.py', [sys.executable, '-m', 'pytest', '-q', '-rfEs', 'tests/test_cuda.py'],
                   cost['tests'], limit=max(cost['tests'], left() - phase2))
-dataset, data_what, prepare = shakespeare_data()
+dataset, data_what, prepare = shakespeare_data() if left() >= cost['shakespeare'] else (None, None, None)
 if prepare:
     subprocess.run(prepare, check=True, stdout=subprocess.DEVNULL)
 shakespeare = start_job(f'shakespeare_char, {shakespeare_iters} iters',
@@ -173,12 +179,12 @@ for job in warm_ups:
 # one at a time: the timed runs
 steps = {name: run_job(f'train step, {name}', [*bench, *flags, '--measure_energy=True', *energy_args], cost['step'])
          for name, flags in VARIANTS.items()}
-eager = (run_job('train step, learned, sdpa, eager', [*bench[:-1], '--compile=False', *VARIANTS['learned, sdpa']], cost['eager'])
-         if on_cuda else (None, None))  # for its peak memory, which memory.py predicts
+eager = (run_job('train step, learned, sdpa, eager', [*bench[:-1], '--compile=False', '--alibi=False', '--flash_attn=True'],
+                 cost['eager']) if on_cuda else (None, None))  # for its peak memory, which memory.py predicts
 sample = {b: run_job(f'sample, batch {b}', [sys.executable, 'bench.py', '--mode=sample', *common, *shape_args[:4],
                                            f'--vocab_size={model_shape["vocab_size"]}', '--bias=True', '--compile=False',
                                            f'--batch_size={b}', *sample_args], cost['sample'])
-          for b in (1, 8)}
+          for b in batches}
 
 # -----------------------------------------------------------------------------
 # the table
@@ -198,13 +204,12 @@ def step_row(run, rc, out, note=''):
     peak = find(r'^peak memory: ([\d.]+) GiB', out)
     mj = find(r'^energy: ([\d.e+-]+ \([^)]*\)) mJ/token', out)
     attention = find(r'^device .*, (sdpa|explicit) attention', out)
-    why_no_energy = find(r'^energy not measured here: (.*)$', out)
-    notes = [f"{attention} attention"] + ([note] if note else []) + ([f"energy: {why_no_energy}"] if why_no_energy else [])
+    notes = [f"{attention} attention"] + ([note] if note else [])
     row(run, figures[1], figures[2], f"{figures[3]}%" if figures[3] else 'n/a', f"{peak} GiB" if peak else 'n/a (CUDA only)',
         mj or 'n/a', '; '.join(notes))
 
 
-predicted = f"memory.py predicts {predicted_gib:.2f} GiB" if predicted_gib else ''
+predicted = f"memory.py predicts {predicted_gib:.3g} GiB" if predicted_gib else ''
 for name, (rc, out) in steps.items():
     step_row(f"train step, {name}", rc, out, predicted if name == 'learned, sdpa' else '')
 if not on_cuda:
@@ -233,13 +238,16 @@ else:
         f"**val loss {val}** on {data_what}; its time ran beside the tests")
 rc, out = tests_result
 summary = find(r'^=*\s*(\d+ (?:passed|failed|skipped|error).*?)\s*=*$', out, last=True)
-row('tests/test_cuda.py', note=summary if rc in (0, 1) and summary else failure(rc, out))
+row('tests/test_cuda.py', note=summary if rc in (0, 1, 5) and summary else failure(rc, out))  # 5: all skipped
 
 print(f"\nGPU check, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {device_line}; torch {torch.__version__} "
       f"(CUDA {torch.version.cuda}); shape {shape}: {', '.join(shape_args)}; {time.monotonic() - start:.0f} s of "
       f"a {budget_s:.0f} s budget" + (f"; MFU against {find(r'^MFU against (.*)$', first)}" if find(r'^MFU against (.*)$', first) else ''))
 lines = ["| run | ms/iter | tokens/s | MFU | peak memory | mJ/token | notes |", "|---|---|---|---|---|---|---|", *rows]
 print('\n'.join(lines))
+why_no_energy = find(r'^energy not measured here: (.*)$', first)
+if why_no_energy:
+    print(f"mJ/token n/a: energy not measured here: {why_no_energy}")
 print("skipped (time budget): " + ('; '.join(skipped) if skipped else 'nothing'))
 if table:
     with open(table, 'w') as f:

@@ -53,9 +53,11 @@ def repo(tmp_path):
 
 
 def side_by_side(repo, *runs):
-    """train.py once per (args, nproc) in runs, all at once (the GPU has room for them): their CompletedProcesses."""
+    """train.py once per (args, nproc) in runs, all at once (the GPU has room for them): their CompletedProcesses.
+    NCCL says its version when it starts: the proof that DDP and FSDP went through it."""
+    env = {'NCCL_DEBUG': 'VERSION'}
     with ThreadPoolExecutor(len(runs)) as pool:
-        return list(pool.map(lambda run: run_script(repo, 'train.py', *run[0], nproc=run[1], check=True, timeout=600), runs))
+        return list(pool.map(lambda run: run_script(repo, 'train.py', *run[0], nproc=run[1], env=env, check=True, timeout=600), runs))
 
 
 def records(repo, out_dir):
@@ -222,8 +224,8 @@ def test_nccl_ddp_and_fsdp_under_torchrun_equal_one_process(repo):
     assert sorted(iter_losses(repo, 'ddp')) == list(range(6))  # one writer
     fsdp, plain = load(repo / 'fsdp' / 'ckpt.pt'), load(repo / 'single' / 'ckpt.pt')
     assert set(fsdp['model']) == set(plain['model']) and fsdp['iter_num'] == 6  # gathered whole, in the plain layout
-    for result in results[1:3]:
-        assert 'device cuda' in result.stdout
+    for result in (results[1], results[2], results[4]):
+        assert 'device cuda' in result.stdout and 'NCCL version' in result.stdout + result.stderr, result.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- the model's CUDA kernels
