@@ -62,7 +62,8 @@ VARIANTS = {', '.join(v.split()): [f"--alibi={v.split()[0] == 'ALiBi'}", f"--fla
             for v in variants.split(',')}  # 'learned, sdpa': its bench.py flags
 batches = [int(b) for b in sample_batches.split(',')]
 skipped = []  # what the budget left out, said under the table
-logs = log_dir or tempfile.mkdtemp(prefix='bench_gpu-')
+scratch = tempfile.mkdtemp(prefix='bench_gpu-')  # the shakespeare run's out_dir and text: removed at the end
+logs = log_dir or scratch
 os.makedirs(logs, exist_ok=True)
 import torch  # noqa: E402
 on_cuda = device.startswith('cuda') or (device == 'auto' and torch.cuda.is_available())
@@ -137,7 +138,7 @@ def shakespeare_data():
     if all(os.path.exists(os.path.join(here, n)) for n in ('train.bin', 'val.bin', 'meta.pkl')):
         return 'shakespeare_char', 'Tiny Shakespeare (bins found prepared)', None
     import pydoc_data.topics
-    text = os.path.join(logs, 'python_docs.txt')
+    text = os.path.join(scratch, 'python_docs.txt')
     with open(text, 'w', encoding='utf-8') as f:
         f.write('\n\n'.join(pydoc_data.topics.topics.values()))
     return ('bench_gpu_text', "Python's documentation as characters: no Tiny Shakespeare here",
@@ -165,7 +166,7 @@ shakespeare = start_job(f'shakespeare_char, {shakespeare_iters} iters',
                         [sys.executable, 'train.py', 'config/train_shakespeare_char.py', *common, *shakespeare_args,
                          f'--dataset={dataset}', f'--compile={compile}', f'--max_iters={shakespeare_iters}',
                          f'--lr_decay_iters={shakespeare_iters}', f'--eval_interval={shakespeare_iters}',
-                         f'--log_interval={max(1, shakespeare_iters // 10)}', f'--out_dir={os.path.join(logs, "out-shakespeare-char")}'],
+                         f'--log_interval={max(1, shakespeare_iters // 10)}', f'--out_dir={os.path.join(scratch, "out-shakespeare-char")}'],
                         cost['shakespeare'], limit=max(cost['shakespeare'], left() - phase2))
 warm_ups = [start_job(f'warm-up {name}', [*bench, *flags], cost['warm_up'], limit=max(cost['warm_up'], left() - phase2))
             for name, flags in VARIANTS.items()] if compile else []
@@ -238,7 +239,10 @@ else:
         f"**val loss {val}** on {data_what}; its time ran beside the tests")
 rc, out = tests_result
 summary = find(r'^=*\s*(\d+ (?:passed|failed|skipped|error).*?)\s*=*$', out, last=True)
-row('tests/test_cuda.py', note=summary if rc in (0, 1, 5) and summary else failure(rc, out))  # 5: all skipped
+reason = find(r'^SKIPPED \[\d+\] [^:]+:\d+: (.*)$', out) if rc == 5 else None  # 5: nothing ran, the file was skipped
+progress = find(r'^([.FEsx]+)(?:\s+\[\s*\d+%\])?$', out, last=True)
+row('tests/test_cuda.py', note=(f"{summary}" + (f": {reason}" if reason else '')) if rc in (0, 1, 5) and summary else
+    failure(rc, out) + (f"; so far {progress}" if rc is None and progress else ''))
 
 print(f"\nGPU check, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {device_line}; torch {torch.__version__} "
       f"(CUDA {torch.version.cuda}); shape {shape}: {', '.join(shape_args)}; {time.monotonic() - start:.0f} s of "
@@ -252,5 +256,4 @@ print("skipped (time budget): " + ('; '.join(skipped) if skipped else 'nothing')
 if table:
     with open(table, 'w') as f:
         f.write('\n'.join(lines) + '\n')
-if not log_dir:
-    shutil.rmtree(logs, ignore_errors=True)
+shutil.rmtree(scratch, ignore_errors=True)
