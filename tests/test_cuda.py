@@ -195,6 +195,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(repo):
                 killed.send_signal(signal.SIGKILL)
                 break
         assert killed.wait(timeout=60) == -signal.SIGKILL
+        killed.stdout.close()
         straight.result()
     at = load(repo / 'killed' / 'ckpt.pt')['iter_num']
     assert 4 <= at < 16, at
