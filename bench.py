@@ -47,6 +47,7 @@ sample_rounds = 5  # sample mode: cached and Hugging Face runs, alternating (the
 energy_toggles = False  # instead: joules per token of this mode's step, flash_attn on and off, for each position (energy.py)
 energy_rounds = 5  # rounds of the toggles, alternating
 energy_seconds = 2.0  # each run's least duration per round, so that the counter moves
+measure_energy = False  # train mode: also the step's mJ/token where energy is measured (energy_rounds of energy_seconds)
 exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())  # overrides from command line or config file
 for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size', 'max_new_tokens', 'sample_rounds'):
     check(k, lambda v: v >= 1, 'an integer >= 1')
@@ -204,6 +205,22 @@ def time_training():
         dt = time.perf_counter() - t0
     mfu = f", MFU {model.estimate_mfu(batch_size * num_steps, dt, peak) * 100:.2f}%" if peak else ""
     print(f"time per iteration: {dt / num_steps * 1000:.2f} ms, {batch_size * block_size * num_steps / dt:,.0f} tokens/s{mfu}")
+    if device_type == 'cuda':
+        print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB (torch.cuda.max_memory_allocated)")
+    if measure_energy:
+        step_energy(lambda: train_step(X, Y), batch_size * block_size)
+
+
+def step_energy(step, tokens):
+    """Millijoules per token of step(), which does tokens' worth of work: compare_energy of this one run."""
+    import energy
+    meter = energy.start(device, verbose=False)
+    if not meter.measured:
+        print(f"energy not measured here: {meter.what}")
+        return
+    out = compare_energy(meter, {'step': (step, tokens)})['step']
+    print(f"energy: {median_and_spread(out['mj_per_token'])} mJ/token, {median_and_spread(out['watts'])} W, "
+          f"median (min-max) of {energy_rounds} runs of {energy_seconds:g} s or more ({meter.what})")
 
 
 def compare_energy(meter, runs):

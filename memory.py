@@ -66,6 +66,25 @@ def parameter_counts(config):
     return n_params, n_params - config.n_layer * n_block, n_block
 
 
+def per_gpu_bytes(counts, activations, batch_size, n_layer, strategy='one GPU', gpus=1):
+    """Bytes per GPU, from parameter_counts and activation_bytes_per_sequence: [weights, gradients, AdamW, buffers,
+    activations, total, activations checkpointed, total checkpointed]. strategy: 'one GPU', 'DDP' or 'FSDP'."""
+    N, R, B = counts
+    block, checkpointed, head = activations
+    activations = batch_size * (n_layer * block + head)
+    activations_checkpointed = batch_size * (n_layer * checkpointed + block + head)
+    shard = gpus if strategy == 'FSDP' else 1
+    buffers = {'one GPU': 2 * N, 'DDP': 2 * N + 4 * N, 'FSDP': 2 * R + 4 * B + 6 * B}[strategy]
+    states = [4 * N / shard, 4 * N / shard, 8 * N / shard, buffers]
+    return [*states, activations, sum(states) + activations, activations_checkpointed, sum(states) + activations_checkpointed]
+
+
+def predicted_bytes(config, batch_size, strategy='one GPU', gpus=1):
+    """per_gpu_bytes of training config at batch_size (the activations measured now, on this CPU: seconds for gpt2)."""
+    return per_gpu_bytes(parameter_counts(config), activation_bytes_per_sequence(config), batch_size, config.n_layer,
+                         strategy, gpus)
+
+
 # the configs' runs: train_gpt2.py trains gpt2 from scratch; finetune_shakespeare.py starts from OpenAI's weights
 runs = [('gpt2', 'config/train_gpt2.py', 12, dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, bias=False)),
         ('gpt2-medium', 'config/finetune_shakespeare.py', 1, dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257)),
@@ -79,14 +98,8 @@ if __name__ == '__main__':
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, config_file, batch_size, args in runs:
         config = GPTConfig(**args)
-        N, R, B = parameter_counts(config)
-        block, checkpointed, head = activation_bytes_per_sequence(config)
-        activations = batch_size * (config.n_layer * block + head)
-        activations_checkpointed = batch_size * (config.n_layer * checkpointed + block + head)
+        counts, activations = parameter_counts(config), activation_bytes_per_sequence(config)
         for strategy, G in (('one GPU', 1), ('DDP', 2), ('DDP', 8), ('FSDP', 2), ('FSDP', 8)):
-            shard = G if strategy == 'FSDP' else 1
-            buffers = {'one GPU': 2 * N, 'DDP': 2 * N + 4 * N, 'FSDP': 2 * R + 4 * B + 6 * B}[strategy]
-            states = [4 * N / shard, 4 * N / shard, 8 * N / shard, buffers]
-            row = [*states, activations, sum(states) + activations, activations_checkpointed, sum(states) + activations_checkpointed]
-            print(f"| {name} {N / 1e6:.0f}M ({config_file.split('/')[-1]}) | {batch_size} x {config.block_size} | "
+            row = per_gpu_bytes(counts, activations, batch_size, config.n_layer, strategy, G)
+            print(f"| {name} {counts[0] / 1e6:.0f}M ({config_file.split('/')[-1]}) | {batch_size} x {config.block_size} | "
                   f"{strategy if G == 1 else f'{strategy}, {G} GPUs'} | " + " | ".join(f"{b / GiB:.1f}" for b in row) + " |")
