@@ -15,9 +15,10 @@ import cpu
 cpu.set_openmp_wait()  # as train.py: before torch loads OpenMP
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import runtime
-from files import check_token_ids, dataset_dir, open_bin
+from files import check_token_ids, dataset_dir, load_meta, open_bin
 from configurator import fail, check
 from model import GPTConfig, GPT
 
@@ -28,7 +29,7 @@ block_size = 1024
 n_layer = 12
 n_head = 12
 n_embd = 768
-vocab_size = 50304
+vocab_size = None  # None: as train.py, data/<dataset>/meta.pkl's vocabulary where there is one, else GPT-2's 50304
 bias = False
 flash_attn = True
 position = 'learned'  # 'learned', 'alibi', 'rope' or 'none' (model.py)
@@ -49,6 +50,14 @@ energy_rounds = 5  # rounds of the toggles, alternating
 energy_seconds = 2.0  # each run's least duration per round, so that the counter moves
 measure_energy = False  # train mode: also the step's mJ/token where energy is measured (energy_rounds of energy_seconds)
 exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())  # overrides from command line or config file
+meta_path = os.path.join(dataset_dir(dataset), 'meta.pkl')
+if vocab_size is None and os.path.exists(meta_path):  # the model train.py would train on this dataset
+    try:
+        vocab_size = load_meta(meta_path)['vocab_size']
+    except ValueError as e:
+        fail(e)
+    print(f"found vocab_size = {vocab_size} (inside {meta_path})")
+vocab_size = 50304 if vocab_size is None else vocab_size  # GPT-2's 50257, padded up to a multiple of 64
 for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size', 'max_new_tokens', 'sample_rounds'):
     check(k, lambda v: v >= 1, 'an integer >= 1')
 check('n_embd', lambda v: v % n_head == 0, f'a multiple of n_head={n_head}')
@@ -103,6 +112,12 @@ def time_sampling():
         return batch_size * n / (time.perf_counter() - t0)
 
     ours = lambda n: model.generate(prompt, n, top_k=top_k)
+
+    def uncached_loop(n):  # nanoGPT's loop reruns the whole context for every token: one token per call is the same work
+        idx = prompt
+        for _ in tqdm(range(n), desc='no cache', unit='token', leave=False):
+            idx = model.generate(idx, 1, top_k=top_k, use_cache=False)
+        return idx
     theirs = lambda n: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                                    do_sample=True, top_k=top_k, pad_token_id=0)
     print(f"{n_layer} layers, {n_head} heads, {n_embd} wide, block_size {block_size}, vocab {vocab_size}, "
@@ -117,7 +132,7 @@ def time_sampling():
                 (cached if run is ours else hugging_face).append(tokens_per_s(run))
             print(f"round {r}: KV cache {cached[-1]:.1f} tokens/s, Hugging Face {hugging_face[-1]:.1f} tokens/s, "
                   f"ratio {cached[-1] / hugging_face[-1]:.2f}x")
-        uncached = tokens_per_s(lambda n: model.generate(prompt, n, top_k=top_k, use_cache=False))
+        uncached = tokens_per_s(uncached_loop)
     ratios = [c / h for c, h in zip(cached, hugging_face)]
     print(f"tokens/s, median (min-max) of {sample_rounds}: KV cache {median_and_spread(cached)}, no cache (nanoGPT's loop) "
           f"{uncached:.1f}, Hugging Face generate {median_and_spread(hugging_face)}; "

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 
+from tqdm import tqdm
+
 from configurator import fail, check
 from runtime import device_name
 
@@ -66,7 +68,14 @@ def time_run(kind, shape, tmp):
     cwd = os.path.join(tmp, 'nanogpt') if kind == 'nanoGPT' else '.'
     args = [*flags, '--device=cpu', '--compile=False', '--log_interval=1', f'--max_iters={iters}',
             f'--lr_decay_iters={iters}', f'--out_dir={os.path.join(tmp, "out")}', *kinds[kind]]
-    result = subprocess.run([sys.executable, 'train.py', *args], cwd=cwd, capture_output=True, text=True)
+    with tempfile.TemporaryFile('w+') as stderr, tqdm(total=iters + 1, desc=f"{shape} {kind}", unit='iter', leave=False) as bar:
+        run = subprocess.Popen([sys.executable, 'train.py', *args], cwd=cwd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        stdout = []
+        for line in run.stdout:  # the bar moves at each iteration line
+            stdout.append(line)
+            bar.update(line.startswith('iter '))
+        stderr.seek(0)
+        result = subprocess.CompletedProcess(run.args, run.wait(), ''.join(stdout), stderr.read())
     if result.returncode != 0:
         fail(f"the {kind} run of {shape} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
     iter_ms = [float(ms) for ms in re.findall(r'^iter \d+: .*time ([\d.]+)ms', result.stdout, re.M)]

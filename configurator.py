@@ -4,11 +4,12 @@ Settings overrides, nanoGPT style, and the one way every script stops on bad inp
 (nanoGPT's exec, from the script's own directory, so that it runs from anywhere) after defining its settings as plain globals; then, for example,
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 runs config/train_shakespeare_char.py as Python and then sets batch_size and compile.
---key=value overrides a known global (one whose value is a bool, int, float, str or None), the
+--key=value overrides a known global (a lower-case name whose value is a bool, int, float, str or None), the
 value read with ast.literal_eval (a plain string when that fails). A config file may import modules and
-define helpers: only the names it gives a bool, int, float, str or None are settings. An unknown key, a
-value of the wrong type, a malformed argument or a config file that fails (the error and its line) stops
-the program with a one-line error. --help lists the settings.
+define helpers: only the lower-case names it gives a bool, int, float, str or None are settings (a name with
+a capital letter, such as GPT2_VOCAB_SIZE, is a constant). An unknown key, a value of the wrong type, a
+malformed argument or a config file that fails (the error and its line) stops the program with a one-line
+error. --help lists the settings.
 The script imports fail(msg), which stops with one line `script: msg`, and check(), for its checks of the
 values: `from configurator import fail, check` (scripts that take no settings, data/, import fail alone).
 Run from another directory (python /path/to/repo/train.py config/x.py, as Slurm scripts do), config files
@@ -50,8 +51,10 @@ def _configure(settings):
     import traceback
 
     prog = os.path.basename(sys.argv[0])
-    known = {k: v for k, v in settings.items()
-             if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))}
+
+    def is_setting(key, value):  # a name with a capital letter is a constant (GPT2_VOCAB_SIZE), not a setting
+        return key.islower() and not key.startswith('_') and (value is None or isinstance(value, (bool, int, float, str)))
+    known = {k: v for k, v in settings.items() if is_setting(k, v)}
 
     def unknown_key(key, where):
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
@@ -76,7 +79,7 @@ def _configure(settings):
 
     for arg in sys.argv[1:]:
         if arg in ('-h', '--help'):
-            print(f"settings of {prog} (override with --key=value or a config file):")
+            print(f"settings of {prog} (override with --key=value or a config file):" if known else f"{prog} takes no settings")
             for k, v in known.items():
                 print(f"  --{k}={v!r}")
             sys.exit(0)
@@ -104,9 +107,9 @@ def _configure(settings):
                 if key.startswith('_') or key in ('fail', 'check'):
                     continue
                 if key not in known:
-                    if value is None or isinstance(value, (bool, int, float, str)):
+                    if is_setting(key, value):
                         unknown_key(key, arg)
-                    continue  # an imported module, a helper function or a constant table: not a setting
+                    continue  # an imported module, a helper function or a constant: not a setting
                 if value is not known[key]:
                     known[key] = settings[key] = checked(key, value, arg)
         else:

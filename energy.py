@@ -453,6 +453,10 @@ def start(device, enabled=True, ddp=False, verbose=True, tokens_per_step=0, step
 if __name__ == '__main__':
     import sys
     from configurator import fail
+    if sys.argv[1:] in (['-h'], ['--help']):
+        print("python energy.py [cpu|cuda|cuda:N]: what this machine measures of the device's energy, what a span "
+              "costs and how often the counter moves")
+        sys.exit(0)
     if len(sys.argv) > 2:
         fail("takes one argument at most, the device: cpu, cuda or cuda:N")
     try:

@@ -52,13 +52,9 @@ def write_gpt2_tokenizer(directory, model_max_length):
     """vocab.json and merges.txt rebuilt from tiktoken's 'gpt2' encoding (no download: it is the encoding the
     prepare scripts use), then saved through transformers' GPT2TokenizerFast, which adds tokenizer.json and
     the special tokens. Token i's merge is the last step of BPE on its own bytes with the tokens below i."""
-    import tiktoken
     from transformers import GPT2TokenizerFast
-    try:
-        enc = tiktoken.get_encoding('gpt2')
-    except OSError as e:
-        fail(f"cannot load GPT-2's BPE from tiktoken ({type(e).__name__}); set TIKTOKEN_CACHE_DIR to a folder "
-             f"that holds its files, or run once with network access")
+    from data.token_bins import gpt2_encoding
+    enc = gpt2_encoding()
     byte_char = bytes_to_unicode()
     tokens = [enc.decode_single_token_bytes(i) for i in range(enc.eot_token)]
     rank = {t: i for i, t in enumerate(tokens)}

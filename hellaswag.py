@@ -34,8 +34,8 @@ def download_hellaswag(path, url='https://raw.githubusercontent.com/rowanz/hella
 def load_hellaswag(path, limit=None):
     """The items of a HellaSwag jsonl file (keys ctx, endings, label), GPT-2 BPE encoded: dicts of
     ctx (tokens), endings (4 token lists, each the encoding of ' ' + ending) and label."""
-    import tiktoken
-    enc = tiktoken.get_encoding('gpt2')
+    from data.token_bins import gpt2_encoding
+    enc = gpt2_encoding()  # a one-line error when its files are neither cached nor downloadable
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder, not a HellaSwag jsonl file (hellaswag_val.jsonl)")
     examples = []

@@ -92,6 +92,7 @@ runs = [('gpt2', 'config/train_gpt2.py', 12, dict(n_layer=12, n_head=12, n_embd=
         ('gpt2-xl', 'config/finetune_shakespeare.py', 1, dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257))]
 
 if __name__ == '__main__':
+    exec(open('configurator.py').read())  # no settings: --help says so, and anything else is refused
     print("GiB per GPU, bfloat16; activations for one micro-batch (gradient accumulation adds none)")
     print("| model (config) | batch x block | run on | weights | gradients | AdamW | buffers | activations | total | "
           "activations, checkpointed | total, checkpointed |")

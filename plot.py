@@ -122,12 +122,12 @@ for j, (name, value) in enumerate(loss_lines):
 if with_hellaswag:
     for j, (name, value) in enumerate(hellaswag_lines):
         axes[2].axhline(value, color='0.4', linestyle=styles[j % 3], linewidth=1, label=f'{name}: {value:g}')
-for ax, name in zip(axes, ['train loss', 'val loss', 'HellaSwag acc_norm']):
+for ax, name, ylabel in zip(axes, ['train loss', 'val loss', 'HellaSwag acc_norm'], ['loss', 'loss', 'acc_norm']):
     ax.set_title(name)
     ax.set_xlabel('step')
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-ax_train.set_ylabel('loss')
 if title:
     fig.suptitle(title)
 fig.tight_layout()

@@ -151,7 +151,8 @@ def peak_flops(plan):
         peak = gpu_peak_flops(name)
         return (peak, f"{name}'s bf16/fp16 peak") if peak else (None, f"no known peak for {name}")
     dtype = plan.autocast or torch.float32
-    return measured_peak_flops(plan.device, dtype), f"measured just now: {str(dtype)[6:]} matmul"
+    return measured_peak_flops(plan.device, dtype), (f"measured just now: the fastest of 0.3 s of 1024x1024 "
+                                                     f"{str(dtype)[6:]} matmuls; MFU stops at 100%: a busy machine reads low")
 
 
 def device_name(device):

@@ -100,7 +100,7 @@ compile = True  # torch.compile the model: slower start, faster steps
 chunked_loss = None  # the loss a few rows at a time, never all logits (loss.py); None: on a CPU, where it is faster
 measure_energy = True  # joules per log line, evaluation and run where the machine can tell (NVML, RAPL): energy.py
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
+config_keys = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
 exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())  # overrides from the command line or a config file
 position = 'alibi' if alibi and position == 'learned' else position  # what alibi=True means (GPTConfig checks the rest)
 config = {k: globals()[k] for k in config_keys}  # saved in checkpoints and given to wandb
@@ -188,7 +188,7 @@ elif init_from == 'scratch':
     except ValueError as e:
         fail(e)
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
-    print(f"initializing from OpenAI GPT-2 weights: {init_from}")
+    print(f"initializing from {'the GPT-2 weights in' if os.path.isdir(init_from) else 'OpenAI GPT-2 weights:'} {init_from}")
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=dropout, flash_attn=plan.flash_attn))
     except (OSError, ValueError) as e:

@@ -287,6 +287,8 @@ class DatasetFiles:
 
 
 def gpt2_encoding():
+    """tiktoken's GPT-2 BPE, the one every script uses; without its files (downloaded once into tiktoken's cache,
+    or TIKTOKEN_CACHE_DIR) and without network access, a one-line error."""
     import tiktoken
     try:
         return tiktoken.get_encoding('gpt2')

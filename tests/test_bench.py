@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import copy_repo, exit_message
+from conftest import copy_repo, exit_message, write_bins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--device=cpu', '--compile=False', '--batch_size=2', '--n_layer=2', '--n_head=2', '--n_embd=32',
@@ -41,6 +41,18 @@ def test_train_step_on_real_data(workdir):
     result = run_bench(workdir, '--dataset=tiny')
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith('time per iteration: ')
+
+
+def test_real_data_takes_the_datasets_vocabulary_as_train_py_does(workdir):
+    write_bins(workdir / 'data' / 'chars', np.random.randint(0, 65, 5000), np.random.randint(0, 65, 500),
+               meta={'vocab_size': 65})
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, 'bench.py', *[a for a in TINY if not a.startswith('--vocab_size')],
+                             '--dataset=chars'], cwd=workdir, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert 'found vocab_size = 65 (inside data/chars/meta.pkl)' in result.stdout
+    first_loss = float(re.search(r'^0/10 loss: ([\d.]+)', result.stdout, re.M).group(1))
+    assert first_loss < 5.0  # about ln(65) = 4.17; GPT-2's 50304 tokens would start near 10.8
 
 
 def test_missing_data_is_a_one_line_error(workdir):
