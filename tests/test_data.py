@@ -63,6 +63,7 @@ def test_encode_text_cuts_long_texts_without_changing_tokens():
     assert len(token_bins.encode_text('', enc)) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_proc', [1, 2])
 def test_write_dataset_writes_every_document_then_eot_in_order(tmp_path, num_proc):
     from datasets import Dataset
@@ -189,6 +190,7 @@ def test_network_prepare_scripts_fail_in_one_line_when_offline():
         assert_one_line_error(run(script), script, 'cannot')
 
 
+@pytest.mark.slow
 def test_pretrained_embeddings_script_copies_a_gpt2_models_wte(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
@@ -226,6 +228,7 @@ def test_pretrained_embeddings_script_maps_glove_words_onto_gpt2_tokens(tmp_path
     assert torch.isfinite(unknown).all() and unknown.std(0).min() > 0.1  # random rows, not zeros
 
 
+@pytest.mark.slow
 def test_pretrained_embeddings_script_errors_are_one_line(tmp_path):
     assert_one_line_error(run('data/openwebtext/pretrained_embeddings.py', '--glove', tmp_path / 'nope.txt'), 'pretrained_embeddings.py',
                           'nope.txt')
@@ -415,6 +418,7 @@ def stopped_mid_write(repo, out, old, signum, tries=8):
     pytest.skip(f"the write never lasted long enough to be stopped in {tries} tries")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_mid_write_leaves_the_old_set_and_no_tmp(tmp_path, signum):
     repo = copy_repo(tmp_path / 'repo')

@@ -76,6 +76,7 @@ def expected_bins(texts):
     return {split: np.array(split_ids, dtype=np.uint16).tobytes() for split, split_ids in ids.items()}
 
 
+@pytest.mark.slow
 def test_prep_writes_every_document_then_endoftext_with_a_fixed_val_split(prepared, corpus):
     repo, stdout = prepared
     expected = expected_bins(corpus[1])
@@ -104,6 +105,7 @@ def start_prep_and_wait(repo, folder, shards, **popen):
     return proc
 
 
+@pytest.mark.slow
 def test_prep_killed_with_sigkill_resumes_to_the_same_bytes(tmp_path, corpus, prepared):
     repo = copy_repo(tmp_path)
     proc = start_prep_and_wait(repo, corpus[0], shards=3, start_new_session=True)
@@ -119,6 +121,7 @@ def test_prep_killed_with_sigkill_resumes_to_the_same_bytes(tmp_path, corpus, pr
     assert bins(repo) == bins(prepared[0])
 
 
+@pytest.mark.slow
 def test_prep_stopped_by_ctrl_c_says_so_in_one_line_and_resumes(tmp_path, corpus, prepared, monkeypatch):
     repo = copy_repo(tmp_path)
     proc = start_prep_and_wait(repo, corpus[0], shards=2)
@@ -136,6 +139,7 @@ def test_prep_stopped_by_ctrl_c_says_so_in_one_line_and_resumes(tmp_path, corpus
     assert bins(repo) == bins(prepared[0])
 
 
+@pytest.mark.slow
 def test_prep_stopped_by_a_full_disk_resumes_once_there_is_room(tmp_path, corpus, prepared):
     repo = copy_repo(tmp_path)
     shards = repo / 'data' / 'fineweb' / 'shards'
@@ -149,6 +153,7 @@ def test_prep_stopped_by_a_full_disk_resumes_once_there_is_room(tmp_path, corpus
         assert bins(repo) == bins(prepared[0])
 
 
+@pytest.mark.slow
 def test_prep_whose_reading_breaks_mid_way_resumes_once_it_reads_again(tmp_path, corpus):
     """A stream that drops, as a local file that cannot be read past some point (same code path as the stream)."""
     texts = corpus[1][:200]
@@ -168,6 +173,7 @@ def test_prep_whose_reading_breaks_mid_way_resumes_once_it_reads_again(tmp_path,
     assert bins(repo) == expected_bins(texts)
 
 
+@pytest.mark.slow
 def test_prep_errors_are_one_line(tmp_path, monkeypatch):
     assert '--local_dir=nowhere is not a folder' in exit_message(monkeypatch, tmp_path, os.path.join(ROOT, PREP), '--local_dir=nowhere')
     (tmp_path / 'empty').mkdir()
@@ -215,6 +221,7 @@ def test_config_schedule_is_build_nanogpts_at_its_real_length():
     assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1])) and all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
 
 
+@pytest.mark.slow
 def test_config_trains_end_to_end_on_cpu_with_hellaswag_a_checkpoint_a_resume_and_the_plot(prepared, tmp_path):
     import torch
     repo = prepared[0]
