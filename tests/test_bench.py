@@ -73,6 +73,7 @@ def test_sample_mode_compares_cache_no_cache_and_hugging_face(workdir):
         assert part in summary
 
 
+@pytest.mark.slow
 def test_sample_mode_refuses_lengths_past_block_size(workdir):
     result = run_bench(workdir, '--mode=sample', '--max_new_tokens=40')
     assert result.returncode != 0 and 'Traceback' not in result.stderr
@@ -113,6 +114,7 @@ def test_bench_train_compares_ours_float32_and_nanogpt(tmp_path):
     assert 'ours, float32' not in result.stdout and re.search(r'quick ours .*speed: [\d.]+x nanoGPT\n', result.stdout)
 
 
+@pytest.mark.slow
 def test_bench_train_without_data_is_a_one_line_error(tmp_path):
     copy_repo(tmp_path)
     result = subprocess.run([sys.executable, 'bench_train.py', '--shapes=gpt2'], cwd=tmp_path, capture_output=True, text=True)

@@ -76,6 +76,7 @@ def run_spin_choice(env):
                           timeout=60).stdout
 
 
+@pytest.mark.slow
 def test_openmp_wait_keeps_the_users_own_setting():
     assert run_spin_choice({**os.environ, 'GOMP_SPINCOUNT': '7'}).strip() == 'SPIN 7'
 

@@ -322,6 +322,7 @@ def test_loss_without_logits_under_torch_compile(monkeypatch):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_generate_top_k_samples_only_from_top_k():
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
