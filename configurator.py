@@ -1,7 +1,8 @@
 """
-Settings overrides, nanoGPT style, and the one way every script stops on bad input. A script runs this file with
+Settings overrides, nanoGPT style, and the one way every script stops on bad input. A script runs this file
+(nanoGPT's exec, found beside the script, so that the script runs from any directory) with
     exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
-(nanoGPT's exec, from the script's own directory, so that it runs from anywhere) after defining its settings as plain globals; then, for example,
+after defining its settings as plain globals; then, for example,
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 runs config/train_shakespeare_char.py as Python and then sets batch_size and compile.
 --key=value overrides a known global (a lower-case name whose value is a bool, int, float, str or None), the

@@ -27,6 +27,7 @@ def run_bench(cwd, *args):
                           capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_train_step_on_random_data_reports_speed_and_mfu(workdir):
     result = run_bench(workdir, '--real_data=False')
     assert result.returncode == 0, result.stderr
@@ -35,6 +36,7 @@ def test_train_step_on_random_data_reports_speed_and_mfu(workdir):
     assert last.startswith('time per iteration: ') and 'tokens/s' in last and 'MFU' in last
 
 
+@pytest.mark.slow
 def test_train_step_on_real_data(workdir):
     os.makedirs(workdir / 'data' / 'tiny')
     np.random.randint(0, 65, 5000).astype(np.uint16).tofile(workdir / 'data' / 'tiny' / 'train.bin')
@@ -55,6 +57,7 @@ def test_real_data_takes_the_datasets_vocabulary_as_train_py_does(workdir):
     assert first_loss < 5.0  # about ln(65) = 4.17; GPT-2's 50304 tokens would start near 10.8
 
 
+@pytest.mark.slow
 def test_missing_data_is_a_one_line_error(workdir):
     result = run_bench(workdir, '--dataset=nothere')
     assert result.returncode != 0 and 'Traceback' not in result.stderr
@@ -62,6 +65,7 @@ def test_missing_data_is_a_one_line_error(workdir):
                                      "or pass --real_data=False")
 
 
+@pytest.mark.slow
 def test_profile_writes_a_trace(workdir):
     result = run_bench(workdir, '--real_data=False', '--profile=True')
     assert result.returncode == 0, result.stderr
@@ -70,6 +74,7 @@ def test_profile_writes_a_trace(workdir):
     assert any('aten::' in event.get('name', '') for event in trace['traceEvents'])
 
 
+@pytest.mark.slow
 def test_sample_mode_compares_cache_no_cache_and_hugging_face(workdir):
     result = run_bench(workdir, '--mode=sample', '--max_new_tokens=20', '--sample_rounds=2')
     assert result.returncode == 0, result.stderr
@@ -80,6 +85,7 @@ def test_sample_mode_compares_cache_no_cache_and_hugging_face(workdir):
         assert part in summary
 
 
+@pytest.mark.slow
 def test_sample_mode_refuses_lengths_past_block_size(workdir):
     result = run_bench(workdir, '--mode=sample', '--max_new_tokens=40')
     assert result.returncode != 0 and 'Traceback' not in result.stderr
@@ -93,6 +99,7 @@ print("step 8: train loss 3.0000, val loss 3.5000")
 '''
 
 
+@pytest.mark.slow
 def test_bench_train_compares_ours_float32_and_nanogpt(tmp_path):
     """One quick-start run of each kind at a few iterations (a tiny stand-in for nanoGPT's train.py, which
     prints iter and step lines as it does): the summary names the CPU, each kind's median and the ratios."""
@@ -119,6 +126,7 @@ def test_bench_train_compares_ours_float32_and_nanogpt(tmp_path):
     assert 'ours, float32' not in result.stdout and re.search(r'quick ours .*speed: [\d.]+x nanoGPT\n', result.stdout)
 
 
+@pytest.mark.slow
 def test_bench_train_without_data_is_a_one_line_error(tmp_path):
     copy_repo(tmp_path)
     result = subprocess.run([sys.executable, 'bench_train.py', '--shapes=gpt2'], cwd=tmp_path, capture_output=True, text=True)

@@ -76,10 +76,12 @@ def run_spin_choice(env):
                           timeout=60).stdout
 
 
+@pytest.mark.slow
 def test_openmp_wait_keeps_the_users_own_setting():
     assert run_spin_choice({**os.environ, 'GOMP_SPINCOUNT': '7'}).strip() == 'SPIN 7'
 
 
+@pytest.mark.slow
 def test_openmp_wait_spins_briefly_only_when_other_processes_keep_a_cpu_busy():
     if not os.path.exists('/proc/stat') or os.path.exists('/proc/driver/nvidia'):
         pytest.skip('Linux without an NVIDIA driver only')
@@ -119,6 +121,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc', reason='glibc only')
 def test_training_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
     """With glibc's defaults every step of a small model maps fresh memory for its activations and page-faults

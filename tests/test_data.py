@@ -64,6 +64,7 @@ def test_encode_text_cuts_long_texts_without_changing_tokens():
     assert len(token_bins.encode_text('', enc)) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_proc', [1, 2])
 def test_write_dataset_writes_every_document_then_eot_in_order(tmp_path, num_proc):
     from datasets import Dataset
@@ -185,11 +186,13 @@ def test_shakespeare_char_offline_without_its_text_is_one_line(tmp_path, monkeyp
     assert 'cannot download' in message and 'ConnectionError' in message and 'input.txt instead' in message
 
 
+@pytest.mark.slow
 def test_network_prepare_scripts_fail_in_one_line_when_offline():
     for script in ('data/openwebtext/prepare.py', 'data/fineweb/prepare.py'):
         assert_one_line_error(run(script), script, 'cannot')
 
 
+@pytest.mark.slow
 def test_pretrained_embeddings_script_copies_a_gpt2_models_wte(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
@@ -202,6 +205,7 @@ def test_pretrained_embeddings_script_copies_a_gpt2_models_wte(tmp_path):
     assert torch.equal(emb, hf.transformer.wte.weight.detach())
 
 
+@pytest.mark.slow
 def test_pretrained_embeddings_script_maps_glove_words_onto_gpt2_tokens(tmp_path):
     g = torch.Generator().manual_seed(0)
     words = ['the', 'The', 'hello', 'world', ',', 'KING', 'king', 'a b', 'zzzqqxx']
@@ -227,6 +231,7 @@ def test_pretrained_embeddings_script_maps_glove_words_onto_gpt2_tokens(tmp_path
     assert torch.isfinite(unknown).all() and unknown.std(0).min() > 0.1  # random rows, not zeros
 
 
+@pytest.mark.slow
 def test_pretrained_embeddings_script_errors_are_one_line(tmp_path):
     assert_one_line_error(run('data/openwebtext/pretrained_embeddings.py', '--glove', tmp_path / 'nope.txt'), 'pretrained_embeddings.py',
                           'nope.txt')
@@ -246,6 +251,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_embeddings_from_a_trained_model_beat_random_ones(tmp_path, one_thread):
     """Tokens come in groups, and the next token's group follows from the current one's: a model that
     starts from embeddings learned on this data (grouped tokens) learns faster than one from random."""
@@ -416,6 +422,7 @@ def stopped_mid_write(repo, out, old, signum, tries=8):
     pytest.skip(f"the write never lasted long enough to be stopped in {tries} tries")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_mid_write_leaves_the_old_set_and_no_tmp(tmp_path, signum):
     repo = copy_repo(tmp_path / 'repo')
@@ -428,6 +435,7 @@ def test_a_signal_mid_write_leaves_the_old_set_and_no_tmp(tmp_path, signum):
     assert files_of(out) == old
 
 
+@pytest.mark.slow
 def test_kill_9_mid_write_leaves_the_old_set_and_the_next_run_clears_its_tmp(tmp_path):
     repo = copy_repo(tmp_path / 'repo')
     out = tmp_path / 'out'

@@ -200,6 +200,7 @@ def test_amd_energy_hwmon_where_there_is_no_rapl(tmp_path):
     assert meter.span('train').joules == pytest.approx(1.25)
 
 
+@pytest.mark.slow
 def test_unreadable_rapl_says_which_access_it_needs(tmp_path):
     """As root the files are readable whatever their mode: the probe runs without the capability that allows it."""
     setpriv = shutil.which('setpriv')
@@ -304,6 +305,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_the_sum_over_two_gloo_processes(tmp_path):
     script = tmp_path / 'ddp_energy.py'
     script.write_text(DDP_SCRIPT.format(root=ROOT))

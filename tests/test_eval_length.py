@@ -50,6 +50,7 @@ def expected_loss(project, out_dir, length, n):
     return loss.item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('position', ['alibi', 'rope', 'none'])
 def test_positions_without_a_table_are_evaluated_past_the_block_size(project, position):
     proc = run(project, f'--out_dir=out-{position}', f'--json_out={position}.json', '--num_tokens=2048', '--batch_tokens=256')
@@ -63,6 +64,7 @@ def test_positions_without_a_table_are_evaluated_past_the_block_size(project, po
     assert '     64       4x  ' in proc.stdout and f'(position={position}, block_size 16)' in proc.stdout
 
 
+@pytest.mark.slow
 def test_learned_positions_stop_at_block_size(project):
     proc = run(project, '--out_dir=out-learned', '--lengths=8,16,32,5000', '--json_out=learned.json')
     assert proc.returncode == 0, proc.stderr
@@ -78,6 +80,7 @@ def test_learned_positions_stop_at_block_size(project):
     assert 'n/a (learned positions stop at block_size=16)' in proc.stdout
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(project):
     proc = run(project, '--out_dir=out-none')
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
@@ -131,6 +134,7 @@ def test_unwritable_json_out_is_refused_before_evaluating(project, tmp_path, dis
     assert os.listdir(disk) == ['old.json'] and (disk / 'old.json').read_text() == '{"old": 1}'
 
 
+@pytest.mark.slow
 def test_json_out_is_replaced_whole(project, tmp_path):
     path = tmp_path / 'length.json'
     path.write_text('{"old": 1}')
@@ -142,6 +146,7 @@ def test_json_out_is_replaced_whole(project, tmp_path):
     assert os.stat(path).st_ino != inode and os.listdir(tmp_path) == ['length.json']  # renamed over, no .tmp
 
 
+@pytest.mark.slow
 def test_json_out_on_a_full_disk_keeps_the_old_file(project, disk):
     (disk / 'length.json').write_text('{"old": 1}')
     with open(disk / 'filler', 'wb', buffering=0) as f:

@@ -50,6 +50,7 @@ def full_logits(model, x):
         return model(x, targets=x)[0]  # with targets: the logits at every position
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('bias,gelu', [(False, 'erf'), (True, 'erf'), (True, 'tanh')])
 def test_bpe_export_gives_our_logits_in_transformers(repo, monkeypatch, capsys, bias, gelu):
     from transformers import AutoModelForCausalLM
@@ -65,6 +66,7 @@ def test_bpe_export_gives_our_logits_in_transformers(repo, monkeypatch, capsys, 
     assert not [p for p in os.listdir(repo) if '.tmp-' in p]  # the temporary directory was renamed
 
 
+@pytest.mark.slow
 def test_exported_tokenizer_is_gpt2s_and_matches_tiktoken(repo, monkeypatch, capsys):
     import tiktoken
     from transformers import AutoTokenizer, GPT2Tokenizer
@@ -92,6 +94,7 @@ def test_exported_tokenizer_is_gpt2s_and_matches_tiktoken(repo, monkeypatch, cap
     assert checked == 2 or not os.path.isdir(cache)
 
 
+@pytest.mark.slow
 def test_init_from_the_export_gives_our_loss_and_trains(repo, monkeypatch, capsys):
     model = tiny_model(bias=False)
     save_tiny_run(str(repo / 'out' / 'ckpt.pt'), model, 'somebpe')
@@ -129,6 +132,7 @@ def test_export_without_learned_positions_is_refused_and_writes_nothing(repo, mo
     assert not os.path.exists(repo / 'hf')
 
 
+@pytest.mark.slow
 def test_existing_hf_dir_is_kept_unless_overwrite(repo, monkeypatch, capsys):
     save_tiny_run(str(repo / 'out' / 'ckpt.pt'), tiny_model(vocab_size=50257), 'somebpe')
     export(repo, monkeypatch, capsys)
@@ -151,6 +155,7 @@ def test_existing_hf_dir_is_kept_unless_overwrite(repo, monkeypatch, capsys):
     assert not [p for p in os.listdir(repo) if '.tmp-' in p]
 
 
+@pytest.mark.slow
 def test_character_level_export_keeps_meta_pkl_as_its_vocabulary(repo, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
     chars = sorted(set("hello world\n"))
@@ -285,6 +290,7 @@ def exit_message_allowing_changes(monkeypatch, cwd, script, *args):
     return message
 
 
+@pytest.mark.slow
 def test_kill_9_during_an_export_loses_nothing(repo, monkeypatch, capsys):
     import signal
     import time

@@ -78,6 +78,7 @@ def expected_bins(texts):
     return {split: np.array(split_ids, dtype=np.uint16).tobytes() for split, split_ids in ids.items()}
 
 
+@pytest.mark.slow
 def test_prep_writes_endoftext_then_every_document_with_a_fixed_val_split(prepared, corpus):
     repo, stdout = prepared
     expected = expected_bins(corpus[1])
@@ -106,6 +107,7 @@ def start_prep_and_wait(repo, folder, shards, **popen):
     return proc
 
 
+@pytest.mark.slow
 def test_prep_killed_with_sigkill_resumes_to_the_same_bytes(tmp_path, corpus, prepared):
     repo = copy_repo(tmp_path)
     proc = start_prep_and_wait(repo, corpus[0], shards=3, start_new_session=True)
@@ -121,6 +123,7 @@ def test_prep_killed_with_sigkill_resumes_to_the_same_bytes(tmp_path, corpus, pr
     assert bins(repo) == bins(prepared[0])
 
 
+@pytest.mark.slow
 def test_prep_stopped_by_ctrl_c_says_so_in_one_line_and_resumes(tmp_path, corpus, prepared, monkeypatch):
     repo = copy_repo(tmp_path)
     proc = start_prep_and_wait(repo, corpus[0], shards=2)
@@ -138,6 +141,7 @@ def test_prep_stopped_by_ctrl_c_says_so_in_one_line_and_resumes(tmp_path, corpus
     assert bins(repo) == bins(prepared[0])
 
 
+@pytest.mark.slow
 def test_prep_stopped_by_a_full_disk_resumes_once_there_is_room(tmp_path, corpus, prepared):
     repo = copy_repo(tmp_path)
     shards = repo / 'data' / 'fineweb' / 'shards'
@@ -151,6 +155,7 @@ def test_prep_stopped_by_a_full_disk_resumes_once_there_is_room(tmp_path, corpus
         assert bins(repo) == bins(prepared[0])
 
 
+@pytest.mark.slow
 def test_prep_whose_reading_breaks_mid_way_resumes_once_it_reads_again(tmp_path, corpus):
     """A stream that drops, as a local file that cannot be read past some point (same code path as the stream)."""
     texts = corpus[1][:200]
@@ -171,6 +176,7 @@ def test_prep_whose_reading_breaks_mid_way_resumes_once_it_reads_again(tmp_path,
     assert bins(repo) == expected_bins(texts)
 
 
+@pytest.mark.slow
 def test_prep_errors_are_one_line(tmp_path, monkeypatch):
     assert '--local_dir=nowhere is not a folder' in exit_message(monkeypatch, tmp_path, os.path.join(ROOT, PREP), '--local_dir=nowhere')
     (tmp_path / 'empty').mkdir()
@@ -218,6 +224,7 @@ def test_config_schedule_is_build_nanogpts_at_its_real_length():
     assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1])) and all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
 
 
+@pytest.mark.slow
 def test_config_trains_end_to_end_on_cpu_with_hellaswag_a_checkpoint_a_resume_and_the_plot(prepared, tmp_path):
     import torch
     repo = prepared[0]

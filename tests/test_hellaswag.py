@@ -86,6 +86,7 @@ def reference(hf_dir, items):
     return preds, preds_norm, torch.tensor(all_sums)
 
 
+@pytest.mark.slow
 def test_scoring_matches_transformers(hf_dir, items_file):
     preds, preds_norm, ref_sums = reference(hf_dir, ITEMS)
     labels = [item['label'] for item in ITEMS]
@@ -151,6 +152,7 @@ def run_script(*args):
                           capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_script_scores_a_checkpoint(hf_dir, items_file, tmp_path):
     model = GPT.from_pretrained(str(hf_dir))
     c = model.config
@@ -169,6 +171,7 @@ def test_script_scores_a_checkpoint(hf_dir, items_file, tmp_path):
     assert float(m.group(3)) == pytest.approx(correct_norm / 5, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_script_refuses_a_character_level_model(items_file, tmp_path):
     model_args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, bias=False, vocab_size=65, dropout=0.0,
                       flash_attn=True, alibi=False)
@@ -217,6 +220,7 @@ def run_train(repo, *args, nproc=1):
                           capture_output=True, text=True, cwd=repo, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fsdp', [False, True])
 def test_train_scores_hellaswag_split_over_two_processes(items_file, tmp_path, fsdp):
     # 7 items: one process scores 4, the other 3, yet under FSDP both must run as many forwards
@@ -246,6 +250,7 @@ def test_train_scores_hellaswag_split_over_two_processes(items_file, tmp_path, f
     assert plot.returncode == 0 and png.exists(), plot.stderr
 
 
+@pytest.mark.slow
 def test_train_refuses_hellaswag_for_a_character_level_model(items_file, tmp_path):
     repo = train_repo(tmp_path, vocab_size=65)
     proc = run_train(repo, '--max_iters=3', '--hellaswag_interval=2', f'--hellaswag_file={items_file}')

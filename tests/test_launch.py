@@ -28,6 +28,7 @@ def wandb_runs(cwd):
     return [os.path.basename(d).rsplit('-', 1)[1] for d in sorted(glob.glob(os.path.join(cwd, 'wandb', 'offline-run-*')))]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_logs_on_to_the_same_wandb_run(tmp_path):
     repo = phrase_repo(tmp_path, VOCAB)
     env = {'WANDB_MODE': 'offline'}
@@ -41,6 +42,7 @@ def test_a_resumed_run_logs_on_to_the_same_wandb_run(tmp_path):
     assert load(repo / 'out' / 'ckpt.pt')['wandb_run_id'] == first
 
 
+@pytest.mark.slow
 def test_wandb_without_a_login_logs_offline_and_says_where(tmp_path):
     repo = phrase_repo(tmp_path / 'repo', VOCAB)
     # online mode, no API key anywhere (an empty home, no WANDB_API_KEY): wandb refuses to start online
@@ -54,6 +56,7 @@ def test_wandb_without_a_login_logs_offline_and_says_where(tmp_path):
     assert os.path.isfile(os.path.join(repo, where, f'run-{run_id}.wandb'))
 
 
+@pytest.mark.slow
 def test_train_and_sample_run_from_another_directory(tmp_path):
     """python /path/to/repo/train.py, as Slurm scripts start it: the config file and out_dir are the caller's
     (relative to the current directory), the data the repository's own data/<dataset>."""

@@ -59,6 +59,7 @@ def test_gpt2_init_scales_residual_projections():
     assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.001
 
 
+@pytest.mark.slow
 def test_from_pretrained_local_dir_matches_hugging_face(hf_dir):
     idx = torch.randint(0, 211, (2, 40))
     model = GPT.from_pretrained(str(hf_dir)).eval()
@@ -354,6 +355,7 @@ def test_loss_without_logits_equals_the_plain_loss(autocast, monkeypatch):
         assert (a - ref).abs().max() <= 2 * (b - ref).abs().max() + 1e-3 * ref.abs().max()
 
 
+@pytest.mark.slow
 def test_loss_without_logits_under_torch_compile(monkeypatch):
     """Dynamo traces the chunked loss's autograd.Function (aot_eager: the tracing without inductor's C++ build)."""
     monkeypatch.setattr(loss_module, 'rows_per_chunk', lambda vocab_size, device_type: 20)
@@ -367,6 +369,7 @@ def test_loss_without_logits_under_torch_compile(monkeypatch):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_generate_top_k_samples_only_from_top_k():
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
@@ -424,6 +427,7 @@ def test_from_pretrained_takes_the_checkpoints_gelu(tmp_path, activation, gelu):
     assert (model(idx, idx)[0] - hf_logits(tmp_path, idx)).abs().max().item() < 2e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('setting', [dict(activation_function='relu'), dict(scale_attn_weights=False),
                                      dict(scale_attn_by_inverse_layer_idx=True), dict(layer_norm_epsilon=1e-3),
                                      dict(tie_word_embeddings=False), dict(n_inner=100)])
@@ -456,6 +460,7 @@ def test_clean_state_dict_reads_compiled_and_non_flash_nanogpt_checkpoints():
     GPT(tiny_config()).load_state_dict(clean_state_dict(sd))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('position', ['learned', 'alibi', 'rope', 'none'])
 @pytest.mark.parametrize('flash', [False, True])
 def test_kv_cache_in_chunks_equals_one_forward(flash, position):
@@ -472,6 +477,7 @@ def test_kv_cache_in_chunks_equals_one_forward(flash, position):
     assert (last[:, -1] - full[:, -1]).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flash', [True, False])
 @pytest.mark.parametrize('dropout', [0.0, 0.2])
 def test_gradient_checkpointing_gives_the_same_gradients_and_saves_less(dropout, flash):

@@ -104,6 +104,7 @@ def png_size(path):
     return int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
 
 
+@pytest.mark.slow
 def test_hellaswag_gets_a_panel_with_reference_lines(tmp_path):
     pytest.importorskip('matplotlib')
     records = training_records(range(0, 101), 25, 4.0)

@@ -14,6 +14,8 @@ import torch
 
 from conftest import assert_one_line_error, phrase_repo, run_script, tmpfs, write_bins
 
+pytestmark = pytest.mark.slow  # every test here runs train.py processes and waits on their signals
+
 VOCAB = 32
 # tiny, with 8 micro-steps an iteration: slow enough (tens of ms) for a signal to land mid-run
 TINY = ['--device=cpu', '--compile=False', '--dtype=float32', '--dataset=tiny', '--out_dir=out',

@@ -191,6 +191,7 @@ def assert_one_line_error(result, *fragments):
         assert fragment in result.stderr
 
 
+@pytest.mark.slow
 def test_samples_a_character_model_in_one_batch(char_workdir):
     cwd, model = char_workdir
     result = run_sample(cwd, '--out_dir=out', '--start=hello', '--top_k=1', '--num_samples=3', '--max_new_tokens=12')
@@ -199,6 +200,7 @@ def test_samples_a_character_model_in_one_batch(char_workdir):
     assert samples(result.stdout) == greedy_text(model, 'hello', 12, 3)
 
 
+@pytest.mark.slow
 def test_compiled_sampling_gives_the_same_tokens(char_workdir):
     cwd, model = char_workdir
     result = run_sample(cwd, '--out_dir=out', '--start=hello', '--top_k=1', '--num_samples=2', '--max_new_tokens=12',
@@ -207,6 +209,7 @@ def test_compiled_sampling_gives_the_same_tokens(char_workdir):
     assert samples(result.stdout) == greedy_text(model, 'hello', 12, 2)
 
 
+@pytest.mark.slow
 def test_prompt_from_file_and_top_p(char_workdir):
     cwd, model = char_workdir
     (cwd / 'prompt.txt').write_text('the fox,\nhello ')
@@ -216,6 +219,7 @@ def test_prompt_from_file_and_top_p(char_workdir):
     assert samples(result.stdout) == greedy_text(model, 'the fox,\nhello ', 5, 1)  # top_p that small: greedy
 
 
+@pytest.mark.slow
 def test_loads_nanogpt_checkpoints(char_workdir):
     cwd, _ = char_workdir
     model = tiny_model(seed=3, vocab_size=len(CHARS))
@@ -225,6 +229,7 @@ def test_loads_nanogpt_checkpoints(char_workdir):
     assert samples(result.stdout) == greedy_text(model, 'hi', 6, 1)
 
 
+@pytest.mark.slow
 def test_bad_prompts_get_one_line_errors(char_workdir):
     cwd, _ = char_workdir
     (cwd / 'empty.txt').write_text('')
@@ -268,6 +273,7 @@ def test_bad_settings_get_a_one_line_error(char_workdir, monkeypatch, args, frag
     assert fragment in exit_message(monkeypatch, cwd, 'sample.py', '--device=cpu', '--out_dir=out', *args)
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_a_one_line_error(workdir):
     assert_one_line_error(run_sample(workdir, '--out_dir=out-nothing'), 'no checkpoint out-nothing/ckpt.pt', 'train.py')
 
@@ -281,6 +287,7 @@ class Payload:
         return (open, (self.path, 'w'))
 
 
+@pytest.mark.slow
 def test_malicious_meta_pkl_is_refused_and_runs_nothing(char_workdir):
     cwd, _ = char_workdir
     marker = cwd / 'pwned'
@@ -295,6 +302,7 @@ def test_malicious_meta_pkl_is_refused_and_runs_nothing(char_workdir):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_with_objects_is_refused(workdir):
     model = tiny_model()
     save_tiny_run(str(workdir / 'out' / 'ckpt.pt'), model, None)
@@ -305,6 +313,7 @@ def test_checkpoint_with_objects_is_refused(workdir):
     assert not (workdir / 'pwned').exists()
 
 
+@pytest.mark.slow
 def test_stops_at_end_of_text(workdir):
     model = tiny_model(vocab_size=50304, n_embd=32)
     with torch.no_grad():  # make <|endoftext|> (50256) the most likely next token after anything
@@ -319,6 +328,7 @@ def test_stops_at_end_of_text(workdir):
     assert '<|endoftext|>' not in result.stdout
 
 
+@pytest.mark.slow
 def test_samples_a_local_hugging_face_gpt2(workdir):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
@@ -348,6 +358,7 @@ def record_vocabulary(path, meta):
     torch.save(checkpoint, path)
 
 
+@pytest.mark.slow
 def test_a_latin_1_prompt_file_is_one_line_naming_it(char_workdir):
     cwd, _ = char_workdir
     (cwd / 'latin.txt').write_bytes('hello café'.encode('latin-1'))
@@ -355,6 +366,7 @@ def test_a_latin_1_prompt_file_is_one_line_naming_it(char_workdir):
                           'the prompt file latin.txt is not UTF-8 text', 'iconv -f latin1 -t utf-8 latin.txt')
 
 
+@pytest.mark.slow
 def test_missing_meta_pkl_decodes_with_the_recorded_vocabulary(char_workdir):
     cwd, model = char_workdir
     record_vocabulary(str(cwd / 'out' / 'ckpt.pt'), char_meta())
@@ -367,6 +379,7 @@ def test_missing_meta_pkl_decodes_with_the_recorded_vocabulary(char_workdir):
     assert body.split('\n---------------\n')[:-1] == greedy_text(model, 'hello', 12, 2)
 
 
+@pytest.mark.slow
 def test_missing_meta_pkl_and_no_recorded_vocabulary_is_refused(char_workdir):
     cwd, _ = char_workdir  # an older checkpoint: no data record
     os.remove(cwd / 'data' / 'tinychars' / 'meta.pkl')
@@ -375,6 +388,7 @@ def test_missing_meta_pkl_and_no_recorded_vocabulary_is_refused(char_workdir):
     assert result.stdout.count('---------------') == 0
 
 
+@pytest.mark.slow
 def test_a_meta_pkl_other_than_the_recorded_one_is_refused(char_workdir):
     cwd, _ = char_workdir
     record_vocabulary(str(cwd / 'out' / 'ckpt.pt'), char_meta())
@@ -390,6 +404,7 @@ def test_a_meta_pkl_other_than_the_recorded_one_is_refused(char_workdir):
                           'data/tinychars/meta.pkl is not the vocabulary')
 
 
+@pytest.mark.slow
 def test_the_same_meta_pkl_as_recorded_samples(char_workdir):
     cwd, model = char_workdir
     record_vocabulary(str(cwd / 'out' / 'ckpt.pt'), char_meta())

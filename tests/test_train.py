@@ -66,6 +66,7 @@ def assert_one_line_error(result, *fragments):
         assert fragment in last, last
 
 
+@pytest.mark.slow
 def test_short_run_lowers_loss_and_writes_checkpoint(repo):
     result = run(repo, *TINY, '--max_iters=30', '--eval_interval=15', '--always_save_checkpoint=False')
     assert 'step 30: train loss ' in result.stdout and 'iter 29: loss ' in result.stdout
@@ -87,6 +88,7 @@ def test_short_run_lowers_loss_and_writes_checkpoint(repo):
     assert not os.path.exists(repo / 'out' / 'ckpt.pt.tmp')
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(repo):
     run(repo, *TINY, '--gelu=tanh', '--position=rope', '--max_iters=12', '--eval_interval=6', '--out_dir=straight')
     run(repo, *TINY, '--gelu=tanh', '--position=rope', '--max_iters=6', '--eval_interval=6', '--out_dir=stopped')
@@ -105,6 +107,7 @@ def test_resume_reproduces_the_uninterrupted_run(repo):
         assert torch.equal(a['model'][k], b['model'][k]), k
 
 
+@pytest.mark.slow
 def test_cpu_bfloat16_trains_as_well_as_float32(repo):
     """dtype='bfloat16' (what 'auto' picks on a CPU with bf16 instructions) autocasts there, float32 elsewhere."""
     for dtype in ('float32', 'bfloat16'):
@@ -128,6 +131,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(repo):
     (repo / 'count_evals.py').write_text(COUNT_EVAL_BATCHES)  # train.py, counting the batches each process evaluates
     args = [*TINY, '--gradient_accumulation_steps=4', '--max_iters=4', '--eval_interval=4', '--eval_iters=3']
@@ -150,6 +154,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(repo):
     assert a['best_val_loss'] == pytest.approx(b['best_val_loss'], abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('alibi', [False, True])
 def test_compiled_training_matches_eager(repo, alibi):
     """compile=True, the default on GPUs: the losses of eager mode, in one process and (learned positions) under
@@ -170,6 +175,7 @@ def test_compiled_training_matches_eager(repo, alibi):
             assert evaluation == pytest.approx(eager_evaluation, rel=1e-4), out_dir
 
 
+@pytest.mark.slow
 def test_ddp_rejects_accumulation_steps_that_do_not_divide(repo):
     result = run(repo, *TINY, '--gradient_accumulation_steps=3', torchrun=True, check=False)
     assert result.returncode != 0
@@ -203,6 +209,7 @@ def nanogpt_layout(ckpt):
             'config': {k: v for k, v in ckpt['config'].items() if k not in new_keys}}
 
 
+@pytest.mark.slow
 def test_resumes_a_checkpoint_in_the_original_nanogpt_layout(repo):
     run(repo, *TINY, '--max_iters=5', '--eval_interval=5', '--out_dir=ours')
     os.makedirs(repo / 'nanogpt')
@@ -228,6 +235,7 @@ runpy.run_path('train.py', run_name='__main__')
 """
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint(repo):
     run(repo, *TINY, '--max_iters=5', '--eval_interval=5')
     killed = run(repo, *TINY, '--max_iters=10', '--eval_interval=5', '--init_from=resume',
@@ -238,6 +246,7 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint(repo):
     assert load_ckpt(repo / 'out' / 'ckpt.pt')['iter_num'] == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('setting, position', [('--alibi=True', 'alibi'), ('--position=rope', 'rope'),
                                                ('--position=none', 'none')])
 def test_positions_without_a_table_train_at_one_block_size_and_evaluate_at_twice_it(repo, setting, position):
@@ -264,6 +273,7 @@ def hf_dir(tmp_path):
     return save_hf_gpt2(tmp_path / 'hf', vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0)
 
 
+@pytest.mark.slow
 def test_init_from_pretrained_crops_and_evaluates_its_weights(repo, hf_dir):
     from transformers import GPT2LMHeadModel
     val = np.fromfile(repo / 'data' / 'tiny' / 'val.bin', dtype=np.uint16)[:17]
@@ -276,6 +286,7 @@ def test_init_from_pretrained_crops_and_evaluates_its_weights(repo, hf_dir):
     assert read_log(repo)[-1]['val_loss'] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_pretrained_embeddings_start_the_token_embeddings(repo):
     emb = torch.randn(VOCAB - 2, 24)
     torch.save(emb, repo / 'data' / 'tiny' / 'pretrained_embeddings.pt')
@@ -286,6 +297,7 @@ def test_pretrained_embeddings_start_the_token_embeddings(repo):
     torch.testing.assert_close(wte[:VOCAB - 2], fit_pretrained_embeddings(emb, 32))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(repo):
     run(repo, *TINY, '--max_iters=4', '--eval_interval=4')
     result = run(repo, *TINY, '--max_iters=20', '--eval_interval=4', '--init_from=resume',
@@ -388,6 +400,7 @@ def test_cuda_device_without_a_gpu(repo, monkeypatch):
     assert '--device=cpu' in error_of(repo, monkeypatch, '--device=cuda')
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(NANOGPT), reason=f'the original nanoGPT is not at {NANOGPT}')
 def test_resumes_a_checkpoint_written_by_the_original_nanogpt(repo, tmp_path):
     original = tmp_path / 'nanogpt'  # the original's scripts beside our tiny data
@@ -436,6 +449,7 @@ def test_block_size_larger_than_the_pretrained_model(repo, monkeypatch, hf_dir):
     assert f"block_size=64 is larger than {hf_dir}'s 32: use --block_size=32 or less" in message
 
 
+@pytest.mark.slow
 def test_fsdp_trains_like_one_process_and_its_checkpoints_resume_anywhere(repo):
     """--fsdp=True over 2 processes gives the evaluations of one process with the same global batch; its
     ckpt.pt, gathered whole in the plain layout, samples and resumes under FSDP (exactly), DDP and one
@@ -480,6 +494,7 @@ def test_fsdp_trains_like_one_process_and_its_checkpoints_resume_anywhere(repo):
     assert any(len(line) == 21 and line.startswith('a') for line in sample.stdout.splitlines()), sample.stdout
 
 
+@pytest.mark.slow
 def test_fsdp_trains_rope_like_one_process(repo):
     args = [*TINY, '--position=rope', '--gradient_accumulation_steps=4', '--eval_interval=3', '--max_iters=3']
     run(repo, *args, '--out_dir=single')
@@ -489,10 +504,12 @@ def test_fsdp_trains_rope_like_one_process(repo):
     assert load_ckpt(repo / 'fsdp' / 'ckpt.pt')['model_args']['position'] == 'rope'
 
 
+@pytest.mark.slow
 def test_fsdp_without_torchrun(repo, monkeypatch):
     assert 'torchrun --standalone --nproc_per_node=N' in error_of(repo, monkeypatch, '--fsdp=True')
 
 
+@pytest.mark.slow
 def test_openmp_spins_briefly_when_other_processes_keep_a_cpu_busy(repo):
     busy = subprocess.Popen([sys.executable, '-c', 'while True: pass'])  # another job, on one core
     try:
