@@ -236,7 +236,7 @@ def test_train_py_names_bad_files_and_impossible_settings_in_one_line(repo):
     write_bins(data / 'dirbin', long[:4000], long[:500], {'vocab_size': VOCAB})
     os.remove(data / 'dirbin' / 'train.bin')
     os.mkdir(data / 'dirbin' / 'train.bin')
-    for out in ('empty', 'cut', 'hand_log', 'user_previous'):
+    for out in ('empty', 'cut', 'hand_log', 'user_previous', 'user_folder'):
         finished_run(repo, out)
     (repo / 'empty' / 'ckpt.pt').write_bytes(b'')
     size = os.path.getsize(repo / 'cut' / 'ckpt.pt')
@@ -245,6 +245,8 @@ def test_train_py_names_bad_files_and_impossible_settings_in_one_line(repo):
     with open(repo / 'hand_log' / 'log.jsonl', 'ab') as f:  # a hand-added record and bytes that are not UTF-8
         f.write(b'{"step": null, "note": "lr changed by hand"}\n\xff\xfe not text\n')
     (repo / 'user_previous' / 'previous').write_text("the user's own notes")
+    (repo / 'user_folder' / 'previous').mkdir()  # a folder of the user's own, not one of ours
+    (repo / 'user_folder' / 'previous' / 'notes.txt').write_text("the user's own notes")
     cases = {
         'shape': (['--n_embd=1000000', '--n_head=2'], ['out of memory', 'n_layer=2, n_embd=1000000', 'lower the settings']),
         'block_size': (['--dataset=long', '--block_size=200000', '--flash_attn=False', '--batch_size=1', '--eval_iters=1'],
@@ -256,12 +258,15 @@ def test_train_py_names_bad_files_and_impossible_settings_in_one_line(repo):
         'cut': (['--out_dir=cut', '--init_from=resume'], ['cannot load cut/ckpt.pt safely', 'copy it again']),
         'user_previous': (['--out_dir=user_previous', '--max_iters=2'], ['user_previous/previous is not a folder',
                                                                          'move user_previous/previous elsewhere']),
+        'user_folder': (['--out_dir=user_folder', '--max_iters=2'], ['user_folder/previous/ holds files train.py did not '
+                                                                     'put there (notes.txt): move them out']),
     }
     procs = {name: Run(repo, *TINY, '--max_iters=4', *args) for name, (args, _) in cases.items()}
     resumed = Run(repo, *TINY, '--out_dir=hand_log', '--init_from=resume', '--max_iters=5', '--eval_interval=5')
     for name, (args, fragments) in cases.items():
         assert_one_line_error(procs[name].finish(timeout=120), 'train.py', *fragments)
     assert (repo / 'user_previous' / 'previous').read_text() == "the user's own notes"
+    assert (repo / 'user_folder' / 'previous' / 'notes.txt').read_text() == "the user's own notes"
     assert load(repo / 'user_previous' / 'ckpt.pt')['iter_num'] == 3  # the run there, untouched
     result = resumed.finish()
     assert result.returncode == 0, result.stderr[-2000:]
