@@ -47,38 +47,38 @@ def files(directory):
 # -----------------------------------------------------------------------------
 # a finished run set aside in previous/ survives whatever the new run does
 
-def test_a_mistaken_fresh_run_stopped_at_once_keeps_the_finished_run_and_one_that_saves_nothing_puts_it_back(repo):
+def test_a_finished_run_set_aside_survives_a_stop_a_kill_9_and_the_runs_that_follow(repo, monkeypatch):
+    """Side by side: (o1) a mistaken fresh run stopped at once, then one that saves nothing (max_iters=0); (o2) a
+    fresh run killed -9 before its first checkpoint, a resume, then a second fresh run that trains."""
     old = finished_run(repo, 'o1')
-    run = Run(repo, *TINY, *LONG, '--out_dir=o1')
-    run.wait_for('iter 2:')
-    run.proc.send_signal(signal.SIGTERM)  # the user undoes the mistaken run
-    assert_one_line_error(run.finish(), 'train.py', 'stopped by SIGTERM at iter')
+    assert finished_run(repo, 'o2') == old
+    stopped, killed = Run(repo, *TINY, *LONG, '--out_dir=o1'), Run(repo, *TINY, *LONG, '--out_dir=o2')
+    stopped.wait_for('iter 2:')
+    stopped.proc.send_signal(signal.SIGTERM)  # the user undoes the mistaken run
+    killed.wait_for('iter 2:')
+    killed.kill()
+    killed.finish()
+    assert_one_line_error(stopped.finish(), 'train.py', 'stopped by SIGTERM at iter')
     assert files(repo / 'o1' / 'previous') == old  # the stop's own save does not replace it
     assert load(repo / 'o1' / 'ckpt.pt')['stopped'] is True
-    # a fresh run that saves nothing (max_iters=0): the stopped one goes, the finished one is back, as nanoGPT leaves it
-    result = run_script(repo, 'train.py', *TINY, '--out_dir=o1', '--max_iters=0', check=True)
-    assert 'o1: removed ckpt.pt, log.jsonl of a run that saved no checkpoint at an evaluation' in result.stdout
-    assert 'this run saved no checkpoint: the run it had set aside in o1/previous/ is back in o1' in result.stdout
-    assert files(repo / 'o1') == old and not (repo / 'o1' / 'previous').exists()
-
-
-def test_a_run_killed_before_its_first_checkpoint_leaves_the_finished_run_found_and_kept(repo, monkeypatch):
-    old = finished_run(repo, 'o2')
-    run = Run(repo, *TINY, *LONG, '--out_dir=o2')
-    run.wait_for('iter 2:')
-    run.kill()
-    run.finish()
     monkeypatch.chdir(repo)
     with pytest.raises(ValueError) as error:  # what --init_from=resume (and sample.py) say now: where the run is
         load_checkpoint('o2')
     assert 'no checkpoint o2/ckpt.pt, but o2/previous/ckpt.pt holds the run' in str(error.value)
     assert 'mv o2/previous/* o2/' in str(error.value)
-    run = Run(repo, *TINY, '--out_dir=o2', '--max_iters=4', '--eval_interval=4')  # a second fresh run
-    run.wait_for('o2: removed log.jsonl of a run that saved no checkpoint at an evaluation')
+    nothing = Run(repo, *TINY, '--out_dir=o1', '--max_iters=0')
+    second = Run(repo, *TINY, '--out_dir=o2', '--max_iters=4', '--eval_interval=4')
+    second.wait_for('o2: removed log.jsonl of a run that saved no checkpoint at an evaluation')
     assert files(repo / 'o2' / 'previous') == old
-    run.wait_for('removed o2/previous/ (the run this one replaced)')  # only at its complete checkpoint
-    assert run.finish().returncode == 0
+    second.wait_for('removed o2/previous/ (the run this one replaced)')  # only at its complete checkpoint
+    assert second.finish().returncode == 0
     assert load(repo / 'o2' / 'ckpt.pt')['iter_num'] == 4 and not (repo / 'o2' / 'previous').exists()
+    # max_iters=0 saves nothing: the stopped run goes, the finished one is back, as nanoGPT leaves it
+    result = nothing.finish()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'o1: removed ckpt.pt, log.jsonl of a run that saved no checkpoint at an evaluation' in result.stdout
+    assert 'this run saved no checkpoint: the run it had set aside in o1/previous/ is back in o1' in result.stdout
+    assert files(repo / 'o1') == old and not (repo / 'o1' / 'previous').exists()
 
 
 def strace(*args, inject=None):
