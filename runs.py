@@ -133,7 +133,8 @@ def take_out_dir(out_dir, log_path, resumed, writes, iter_num):
             set_aside_previous_run(out_dir)
     except (OSError, ValueError) as e:
         fail(e if isinstance(e, ValueError) or e.errno is None else  # ours, already one line
-             f"cannot set aside the run in {out_dir}: {os_error_text(e)} ({e.filename}); the old files are still there")
+             f"cannot ready {out_dir} for this run: {os_error_text(e)} ({e.filename}); its files are as they were: free the "
+             f"disk or make it writable")
     return lock
 
 

@@ -374,7 +374,8 @@ if master_process:  # MFU: achieved FLOP/s over this device's peak (left out whe
 X, Y = get_train_batch(iter_num, 0)  # the first batch: data that does not fit the model stops here, before any write
 get_batch('val', [0], eval_block_size)
 # the run's directory: one run at a time; a resumed run's log holds each iteration once; a new run sets the old aside
-lock = runs.take_out_dir(out_dir, log_path, resumed=init_from == 'resume', writes=not eval_only, iter_num=iter_num) if master_process else None
+lock = runs.take_out_dir(out_dir, log_path, resumed=init_from == 'resume', writes=not eval_only,
+                         iter_num=iter_num) if master_process else None
 wandb_run = runs.start_wandb(wandb_project, wandb_run_name, config, wandb_run_id) if wandb_log and master_process else None
 stop = runs.StopRequest(ddp, kept_checkpoint, ddp_timeout, training=not eval_only)  # SIGTERM, SIGINT, SIGHUP, torchrun gone
 meter = energy.start(device, enabled=measure_energy, ddp=ddp, verbose=master_process, tokens_per_step=tokens_per_iter,

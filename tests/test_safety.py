@@ -47,38 +47,38 @@ def files(directory):
 # -----------------------------------------------------------------------------
 # a finished run set aside in previous/ survives whatever the new run does
 
-def test_a_mistaken_fresh_run_stopped_at_once_keeps_the_finished_run_and_one_that_saves_nothing_puts_it_back(repo):
+def test_a_finished_run_set_aside_survives_a_stop_a_kill_9_and_the_runs_that_follow(repo, monkeypatch):
+    """Side by side: (o1) a mistaken fresh run stopped at once, then one that saves nothing (max_iters=0); (o2) a
+    fresh run killed -9 before its first checkpoint, a resume, then a second fresh run that trains."""
     old = finished_run(repo, 'o1')
-    run = Run(repo, *TINY, *LONG, '--out_dir=o1')
-    run.wait_for('iter 2:')
-    run.proc.send_signal(signal.SIGTERM)  # the user undoes the mistaken run
-    assert_one_line_error(run.finish(), 'train.py', 'stopped by SIGTERM at iter')
+    assert finished_run(repo, 'o2') == old
+    stopped, killed = Run(repo, *TINY, *LONG, '--out_dir=o1'), Run(repo, *TINY, *LONG, '--out_dir=o2')
+    stopped.wait_for('iter 2:')
+    stopped.proc.send_signal(signal.SIGTERM)  # the user undoes the mistaken run
+    killed.wait_for('iter 2:')
+    killed.kill()
+    killed.finish()
+    assert_one_line_error(stopped.finish(), 'train.py', 'stopped by SIGTERM at iter')
     assert files(repo / 'o1' / 'previous') == old  # the stop's own save does not replace it
     assert load(repo / 'o1' / 'ckpt.pt')['stopped'] is True
-    # a fresh run that saves nothing (max_iters=0): the stopped one goes, the finished one is back, as nanoGPT leaves it
-    result = run_script(repo, 'train.py', *TINY, '--out_dir=o1', '--max_iters=0', check=True)
-    assert 'o1: removed ckpt.pt, log.jsonl of a run that saved no checkpoint at an evaluation' in result.stdout
-    assert 'this run saved no checkpoint: the run it had set aside in o1/previous/ is back in o1' in result.stdout
-    assert files(repo / 'o1') == old and not (repo / 'o1' / 'previous').exists()
-
-
-def test_a_run_killed_before_its_first_checkpoint_leaves_the_finished_run_found_and_kept(repo, monkeypatch):
-    old = finished_run(repo, 'o2')
-    run = Run(repo, *TINY, *LONG, '--out_dir=o2')
-    run.wait_for('iter 2:')
-    run.kill()
-    run.finish()
     monkeypatch.chdir(repo)
     with pytest.raises(ValueError) as error:  # what --init_from=resume (and sample.py) say now: where the run is
         load_checkpoint('o2')
     assert 'no checkpoint o2/ckpt.pt, but o2/previous/ckpt.pt holds the run' in str(error.value)
     assert 'mv o2/previous/* o2/' in str(error.value)
-    run = Run(repo, *TINY, '--out_dir=o2', '--max_iters=4', '--eval_interval=4')  # a second fresh run
-    run.wait_for('o2: removed log.jsonl of a run that saved no checkpoint at an evaluation')
+    nothing = Run(repo, *TINY, '--out_dir=o1', '--max_iters=0')
+    second = Run(repo, *TINY, '--out_dir=o2', '--max_iters=4', '--eval_interval=4')
+    second.wait_for('o2: removed log.jsonl of a run that saved no checkpoint at an evaluation')
     assert files(repo / 'o2' / 'previous') == old
-    run.wait_for('removed o2/previous/ (the run this one replaced)')  # only at its complete checkpoint
-    assert run.finish().returncode == 0
+    second.wait_for('removed o2/previous/ (the run this one replaced)')  # only at its complete checkpoint
+    assert second.finish().returncode == 0
     assert load(repo / 'o2' / 'ckpt.pt')['iter_num'] == 4 and not (repo / 'o2' / 'previous').exists()
+    # max_iters=0 saves nothing: the stopped run goes, the finished one is back, as nanoGPT leaves it
+    result = nothing.finish()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'o1: removed ckpt.pt, log.jsonl of a run that saved no checkpoint at an evaluation' in result.stdout
+    assert 'this run saved no checkpoint: the run it had set aside in o1/previous/ is back in o1' in result.stdout
+    assert files(repo / 'o1') == old and not (repo / 'o1' / 'previous').exists()
 
 
 def strace(*args, inject=None):
@@ -236,7 +236,7 @@ def test_train_py_names_bad_files_and_impossible_settings_in_one_line(repo):
     write_bins(data / 'dirbin', long[:4000], long[:500], {'vocab_size': VOCAB})
     os.remove(data / 'dirbin' / 'train.bin')
     os.mkdir(data / 'dirbin' / 'train.bin')
-    for out in ('empty', 'cut', 'hand_log', 'user_previous'):
+    for out in ('empty', 'cut', 'hand_log', 'user_previous', 'user_folder'):
         finished_run(repo, out)
     (repo / 'empty' / 'ckpt.pt').write_bytes(b'')
     size = os.path.getsize(repo / 'cut' / 'ckpt.pt')
@@ -245,6 +245,8 @@ def test_train_py_names_bad_files_and_impossible_settings_in_one_line(repo):
     with open(repo / 'hand_log' / 'log.jsonl', 'ab') as f:  # a hand-added record and bytes that are not UTF-8
         f.write(b'{"step": null, "note": "lr changed by hand"}\n\xff\xfe not text\n')
     (repo / 'user_previous' / 'previous').write_text("the user's own notes")
+    (repo / 'user_folder' / 'previous').mkdir()  # a folder of the user's own, not one of ours
+    (repo / 'user_folder' / 'previous' / 'notes.txt').write_text("the user's own notes")
     cases = {
         'shape': (['--n_embd=1000000', '--n_head=2'], ['out of memory', 'n_layer=2, n_embd=1000000', 'lower the settings']),
         'block_size': (['--dataset=long', '--block_size=200000', '--flash_attn=False', '--batch_size=1', '--eval_iters=1'],
@@ -256,12 +258,15 @@ def test_train_py_names_bad_files_and_impossible_settings_in_one_line(repo):
         'cut': (['--out_dir=cut', '--init_from=resume'], ['cannot load cut/ckpt.pt safely', 'copy it again']),
         'user_previous': (['--out_dir=user_previous', '--max_iters=2'], ['user_previous/previous is not a folder',
                                                                          'move user_previous/previous elsewhere']),
+        'user_folder': (['--out_dir=user_folder', '--max_iters=2'], ['user_folder/previous/ holds files train.py did not '
+                                                                     'put there (notes.txt): move them out']),
     }
     procs = {name: Run(repo, *TINY, '--max_iters=4', *args) for name, (args, _) in cases.items()}
     resumed = Run(repo, *TINY, '--out_dir=hand_log', '--init_from=resume', '--max_iters=5', '--eval_interval=5')
     for name, (args, fragments) in cases.items():
         assert_one_line_error(procs[name].finish(timeout=120), 'train.py', *fragments)
     assert (repo / 'user_previous' / 'previous').read_text() == "the user's own notes"
+    assert (repo / 'user_folder' / 'previous' / 'notes.txt').read_text() == "the user's own notes"
     assert load(repo / 'user_previous' / 'ckpt.pt')['iter_num'] == 3  # the run there, untouched
     result = resumed.finish()
     assert result.returncode == 0, result.stderr[-2000:]

@@ -15,7 +15,7 @@ argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescrip
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(here)), os.path.dirname(here)]
 from configurator import fail  # noqa: E402
-from files import os_error_text  # noqa: E402
+from files import os_error_text, write_atomically  # noqa: E402
 from token_bins import DatasetFiles, read_text  # noqa: E402
 
 input_path = os.path.join(here, 'input.txt')
@@ -28,13 +28,9 @@ if not os.path.exists(input_path):
         response.raise_for_status()
     except requests.RequestException as e:
         fail(f"cannot download {url} ({type(e).__name__}); put Tiny Shakespeare at {input_path} instead")
-    try:  # under a .tmp name first: an interrupted download must not pass for the text
-        with open(input_path + '.tmp', 'w', encoding='utf-8') as f:
-            f.write(response.text)
-        os.replace(input_path + '.tmp', input_path)
+    try:  # whole or not at all: an interrupted download must not pass for the text
+        write_atomically(input_path, lambda f: f.write(response.text.encode('utf-8')))
     except OSError as e:
-        if os.path.exists(input_path + '.tmp'):
-            os.remove(input_path + '.tmp')
         fail(f"cannot write {input_path}: {os_error_text(e)}")
 
 data = read_text(input_path)
