@@ -112,14 +112,15 @@ def time_sampling():
         return batch_size * n / (time.perf_counter() - t0)
 
     ours = lambda n: model.generate(prompt, n, top_k=top_k)
+    theirs = lambda n: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=True, top_k=top_k, pad_token_id=0)
 
     def uncached_loop(n):  # nanoGPT's loop reruns the whole context for every token: one token per call is the same work
         idx = prompt
-        for _ in tqdm(range(n), desc='no cache', unit='token', leave=False):
+        for _ in tqdm(range(n), desc='no cache', unit='token', leave=False):  # minutes on a CPU: show progress
             idx = model.generate(idx, 1, top_k=top_k, use_cache=False)
         return idx
-    theirs = lambda n: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=True, top_k=top_k, pad_token_id=0)
+
     print(f"{n_layer} layers, {n_head} heads, {n_embd} wide, block_size {block_size}, vocab {vocab_size}, "
           f"batch {batch_size}, 1-token prompt, {max_new_tokens} new tokens, top_k {top_k}, {device} "
           f"({runtime.device_name(device)}), {torch.get_num_threads()} threads, {plan.dtype}")

@@ -8,7 +8,7 @@ shape the median and spread (min-max) over the repeats and the ratios. The shape
   gpt2    GPT-2's vocabulary (50304): 4/4/128, block 128, batch 8, on data/text (prepared from any English text)
     python data/shakespeare_char/prepare.py
     python data/text/prepare.py $(python -c "import pydoc_data.topics as t; print(t.__file__)")  # for gpt2
-    python bench_train.py --nanogpt_dir=../nanoGPT --repeats=3
+    python bench_train.py --nanogpt_dir=../nanoGPT --repeats=3   # ../nanoGPT: a clone of github.com/karpathy/nanoGPT
     python bench_train.py --shapes=quick --quick_iters=200   # quicker: one shape, fewer iterations
 """
 import os
