@@ -148,7 +148,7 @@ for (kind, extra), rs in rows.items():
     wall = [r['wall_s'] for r in ok]
     js = [r['joules'] for r in ok if r.get('joules')]
     ratio = (f"{statistics.median(wall) / statistics.median(nanogpt_wall):.2f} "
-             f"({statistics.median(nanogpt_wall) / statistics.median(wall):.2f}x faster)") if wall and nanogpt_wall else '-'
+             f"({statistics.median(nanogpt_wall) / statistics.median(wall):.2f}x faster)") if wall and nanogpt_wall and kind != 'nanogpt' else '-'
     name = {'nanogpt': 'nanoGPT', 'adamw': 'ours, AdamW', 'muon': 'ours, Muon'}[kind] + (f" `{extra}`" if extra else '')
     print(f"| {name} | {len(ok)}/{len(rs)} ({','.join(str(r['seed']) for r in rs)}) | {spread([r['iters'] for r in ok], '{:.0f}')} | "
           f"{spread([r['tokens'] for r in ok], '{:,.0f}')} | {spread(wall, '{:.1f}')} | {spread(js, '{:.0f}') if js else 'not measured'} | {ratio} |")
