@@ -71,28 +71,32 @@ def test_speed_up_keeps_parameters_state_dict_and_outputs(training):
 
 def run_spin_choice(env):
     """What set_openmp_wait printed and chose, in a fresh process with env."""
-    code = "import cpu; cpu.set_openmp_wait(); import os; print('SPIN', os.environ.get('GOMP_SPINCOUNT'))"
+    code = ("import cpu; cpu.set_openmp_wait(); import os; "
+            "print('SPIN', os.environ.get('GOMP_SPINCOUNT'), 'THREADS', os.environ.get('OMP_NUM_THREADS'))")
     return subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=60).stdout
 
 
 def test_openmp_wait_keeps_the_users_own_setting():
-    assert run_spin_choice({**os.environ, 'GOMP_SPINCOUNT': '7'}).strip() == 'SPIN 7'
+    assert run_spin_choice({**os.environ, 'GOMP_SPINCOUNT': '7', 'OMP_NUM_THREADS': '3'}).strip() == 'SPIN 7 THREADS 3'
 
 
-def test_openmp_wait_spins_briefly_only_when_other_processes_keep_a_cpu_busy():
+def test_openmp_threads_and_wait_when_other_processes_keep_the_cpus_busy():
     if not os.path.exists('/proc/stat') or os.path.exists('/proc/driver/nvidia'):
         pytest.skip('Linux without an NVIDIA driver only')
-    env = {k: v for k, v in os.environ.items() if k != 'GOMP_SPINCOUNT'}
+    env = {k: v for k, v in os.environ.items() if k not in ('GOMP_SPINCOUNT', 'OMP_NUM_THREADS')}
     busy = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(os.cpu_count())]
     try:
         import time
         time.sleep(0.3)
         loaded = run_spin_choice(env)
+        own_threads = run_spin_choice(dict(env, OMP_NUM_THREADS='2'))
     finally:
         for p in busy:
             p.kill()
-    assert 'SPIN 1000' in loaded and 'GOMP_SPINCOUNT=1000' in loaded
+    # every core taken: one thread, said in the line that says why
+    assert 'SPIN 1000 THREADS 1' in loaded and 'OMP_NUM_THREADS=1' in loaded and 'GOMP_SPINCOUNT=1000' in loaded
+    assert 'SPIN 1000 THREADS 2' in own_threads and 'OMP_NUM_THREADS=' not in own_threads.splitlines()[0]
 
 
 FAULTS_PER_STEP = """
