@@ -44,7 +44,7 @@ def cpu_has_bf16():
 @lru_cache
 def cpu_bf16_fast(n=256):
     """Whether torch multiplies bfloat16 matrices faster than float32 ones on this CPU, as it runs now: measured
-    once per process (some 40 ms), and only where /proc/cpuinfo lists the instructions. The flags alone do not
+    once per process (a few ms; a tenth of a second where capped), and only where /proc/cpuinfo lists the instructions. The flags alone do not
     say it: with oneDNN capped below them (ONEDNN_MAX_CPU_ISA=AVX2) bfloat16 runs emulated, many times slower.
     Timed on one thread: on a busy CPU a product split across threads waits for the slowest."""
     if not cpu_has_bf16():
@@ -53,15 +53,15 @@ def cpu_bf16_fast(n=256):
     torch.set_num_threads(1)
     try:
         a = torch.randn(n, n)
-        float32 = fastest_product(a, 3)
-        return fastest_product(a.bfloat16(), 3, give_up_after=float32) * 1.3 < float32
+        float32 = fastest_product(a, 10)
+        return fastest_product(a.bfloat16(), 10, give_up_after=3 * float32) * 1.3 < float32
     finally:
         torch.set_num_threads(threads)
 
 
 def fastest_product(a, tries, give_up_after=float('inf')):
-    """Seconds of the fastest of a few products a @ a (after one to warm up); stops early once one is slower
-    than give_up_after."""
+    """Seconds of the fastest of a few products a @ a (after one to warm up): the fastest is the one that no
+    other process interrupted. Stops early once even the fastest is slower than give_up_after."""
     a @ a
     best = float('inf')
     for _ in range(tries):
