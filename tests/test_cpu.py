@@ -132,3 +132,30 @@ def test_training_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
         return float(out.stdout.split()[-1])
     default, kept = faults('default'), faults('keep')
     assert kept * 3 < default, (kept, default)
+
+
+@pytest.mark.parametrize('flash_attn', [True, False])
+def test_training_with_the_cpu_path_keeps_the_plain_paths_losses(flash_attn):
+    """A few AdamW steps as train.py takes them on a CPU (speed_up, the chunked loss: 2 chunks here) against the
+    plain model and F.cross_entropy: the same losses and weights, to float rounding."""
+    losses, weights = [], []
+    for cpu_path in (False, True):
+        model = tiny_model(flash_attn=flash_attn).train()
+        if cpu_path:
+            cpu.speed_up(model, training=True)
+        optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+        torch.manual_seed(1)
+        run = []
+        for _ in range(4):
+            idx = torch.randint(0, 50304, (20, 16))  # 320 rows: past one 166-row chunk of 50304 logits
+            _, loss = model(idx, idx.roll(1, 1), chunked_loss=cpu_path)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.append(loss.item())
+        losses.append(run)
+        weights.append(model.lm_head.weight.detach())
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
+    assert losses[0][-1] < losses[0][0]  # it trained
