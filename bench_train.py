@@ -1,8 +1,9 @@
 """
 Times train.py's whole loop on a CPU at three shapes, the runs alternating: as it runs by default, in float32
-(--dtype=float32: no bfloat16 autocast; --float32=False leaves it out), and, given a checkout of the original
-nanoGPT, its train.py with the same flags. Prints each run's median ms/iteration and final val loss, then per
-shape the median and spread (min-max) over the repeats and the ratios. The shapes:
+(--dtype=float32, where the default is bfloat16 autocast; --float32=False leaves it out), and, given a checkout of
+the original nanoGPT, its train.py with the same flags (float32: nanoGPT never autocasts on a CPU). Each row names
+the dtype it ran in. Prints each run's median ms/iteration and final val loss, then per shape the median and
+spread (min-max) over the repeats and the ratios. The shapes:
   quick   README's CPU quick start: 4 layers, 4 heads, 128 wide, block 64, batch 12 (65 characters)
   char    config/train_shakespeare_char.py as it is: 6/6/384, block 256, batch 64, dropout 0.2
   gpt2    GPT-2's vocabulary (50304): 4/4/128, block 128, batch 8, on data/text (prepared from any English text)
@@ -22,7 +23,7 @@ import tempfile
 from tqdm import tqdm
 
 from configurator import fail, check
-from runtime import device_name
+from runtime import device_name, setup
 
 # -----------------------------------------------------------------------------
 shapes = 'quick,char,gpt2'  # which shapes to time, comma-separated
@@ -56,16 +57,21 @@ for shape in chosen:
 if nanogpt_dir and not os.path.exists(os.path.join(nanogpt_dir, 'train.py')):
     fail(f"no train.py in nanogpt_dir={nanogpt_dir}: point it at a checkout of the original nanoGPT")
 
-kinds = {'ours': [], **({'ours, float32': ['--dtype=float32']} if float32 else {})}  # kind: its extra flags
+auto_dtype = setup('cpu', 'auto', verbose=False, training=True).dtype  # what ours runs in by default, here
+kinds = {f'ours ({auto_dtype})': []}  # kind: its extra flags
+if float32 and auto_dtype != 'float32':
+    kinds['ours (float32)'] = ['--dtype=float32']
+elif float32:
+    print("ours runs in float32 by default on this CPU: no separate float32 row")
 if nanogpt_dir:
-    kinds['nanoGPT'] = []
+    kinds['nanoGPT (float32)'] = []
 
 
 def time_run(kind, shape, tmp):
     """Runs one train.py; returns the median ms/iteration (past the first 5) and the final val loss, read
-    from the iter and step lines that ours and nanoGPT print alike."""
+    from the iter and step lines that ours and nanoGPT print alike, and what ours said it chose on a busy CPU."""
     dataset, iters, flags = SHAPES[shape]
-    cwd = os.path.join(tmp, 'nanogpt') if kind == 'nanoGPT' else '.'
+    cwd = os.path.join(tmp, 'nanogpt') if kind.startswith('nanoGPT') else '.'
     args = [*flags, '--device=cpu', '--compile=False', '--log_interval=1', f'--max_iters={iters}',
             f'--lr_decay_iters={iters}', f'--out_dir={os.path.join(tmp, "out")}', *kinds[kind]]
     with tempfile.TemporaryFile('w+') as stderr, tqdm(total=iters + 1, desc=f"{shape} {kind}", unit='iter', leave=False) as bar:
@@ -80,8 +86,13 @@ def time_run(kind, shape, tmp):
         fail(f"the {kind} run of {shape} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
     iter_ms = [float(ms) for ms in re.findall(r'^iter \d+: .*time ([\d.]+)ms', result.stdout, re.M)]
     val_loss = float(re.findall(r'^step \d+: .*val loss ([\d.]+)', result.stdout, re.M)[-1])
-    short_spin = 'GOMP_SPINCOUNT=1000' in result.stdout  # ours found the CPUs busy at its start (cpu.py)
-    return statistics.median(iter_ms[5:]), val_loss, short_spin
+    plan = re.search(r'^device cpu, (\w+)', result.stdout, re.M)
+    if plan and f'({plan[1]})' not in kind:
+        fail(f"the {kind} run of {shape} ran in {plan[1]}: the dtype probe (runtime.py) decided otherwise in it")
+    busy = re.search(r'^other processes keep ([\d.]+) of', result.stdout, re.M)  # ours at its start (cpu.py)
+    threads = re.search(r'OMP_NUM_THREADS=(\d+)', result.stdout)
+    busy_text = f", busy CPU ({busy[1]} taken) at its start: {threads[1] + ' thread' if threads else 'short OpenMP spin'}" if busy else ''
+    return statistics.median(iter_ms[5:]), val_loss, busy_text
 
 
 print(f"CPU: {device_name('cpu')}, {os.cpu_count()} logical CPUs; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
@@ -96,17 +107,17 @@ with tempfile.TemporaryDirectory() as tmp:
         for shape in chosen:
             for kind in kinds:
                 load = os.getloadavg()[0]
-                ms, val_loss, short_spin = time_run(kind, shape, tmp)
+                ms, val_loss, busy_text = time_run(kind, shape, tmp)
                 results[(shape, kind)].append((ms, val_loss))
                 print(f"{shape:5s} {kind:19s} {ms:8.1f} ms/iter  val loss {val_loss:.4f} after {SHAPES[shape][1]} iters  "
-                      f"(load {load:.1f} before, {os.getloadavg()[0]:.1f} after)" +
-                      (", short OpenMP spin: the CPUs were busy at its start" if short_spin else ''), flush=True)
+                      f"(load {load:.1f} before, {os.getloadavg()[0]:.1f} after{busy_text})", flush=True)
 
 print(f"medians over {repeats} alternating runs (spread min-max), CPU {device_name('cpu')}:")
 for shape in chosen:
     medians = {kind: statistics.median(ms for ms, _ in results[(shape, kind)]) for kind in kinds}
     for kind in kinds:
         times, losses = zip(*results[(shape, kind)])
-        ratios = ', '.join(f"{medians[other] / medians[kind]:.2f}x {other}" for other in kinds if other != kind and kind == 'ours')
+        ours = next(iter(kinds))  # ours as it runs by default, against each other kind
+        ratios = ', '.join(f"{medians[other] / medians[kind]:.2f}x {other}" for other in kinds if other != kind and kind == ours)
         print(f"{shape:5s} {kind:19s} {medians[kind]:8.1f} ms/iter ({min(times):.1f}-{max(times):.1f})  "
               f"val loss {statistics.median(losses):.4f}" + (f"  speed: {ratios}" if ratios else ''))

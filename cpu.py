@@ -2,7 +2,7 @@
 Speed-ups for training and sampling on a CPU, applied from outside the model by the scripts that want
 them. Nothing here is needed to understand the model (model.py) or training (train.py): each one keeps
 the model's parameters, state_dict and results, and steps aside on other devices.
-    cpu.set_openmp_wait()                  # before torch is imported: how idle OpenMP threads wait
+    cpu.set_openmp_wait()                  # before torch is imported: how many OpenMP threads, how they wait
     cpu.speed_up(model, training=True)     # in place: dropout masks from random bits; freed memory kept
     cpu.speed_up(model, training=False)    # in place: matrix-vector products of decoding as batched products
 Which attention a CPU trains with under autocast is decided with the device (runtime.py).
@@ -19,15 +19,27 @@ from torch.nn import functional as F
 
 
 def set_openmp_wait():
-    """libgomp's idle threads spin a long while before they sleep: fastest on a quiet CPU, but on a busy one
-    they take the cores that working threads need, so they spin only briefly when other processes already keep
-    a CPU busy. Must run before torch loads OpenMP; a GOMP_SPINCOUNT of the user's own wins, and a machine with
-    an NVIDIA driver (a GPU run) is left alone."""
-    if 'GOMP_SPINCOUNT' in os.environ or os.path.exists('/proc/driver/nvidia'):
+    """On a CPU that other processes keep busy, fewer OpenMP threads that wait more politely. Each parallel
+    operation waits for its slowest thread, and a thread that shares its core with another process is slow: so
+    torch gets one thread per core left free (at least one). And libgomp's idle threads spin a long while before
+    they sleep, taking the cores that working threads need: they spin only briefly. On a quiet CPU both stay as
+    they are (the long spin is faster there). Must run before torch loads OpenMP; OMP_NUM_THREADS or
+    GOMP_SPINCOUNT of the user's own wins, and a machine with an NVIDIA driver (a GPU run) is left alone."""
+    if os.path.exists('/proc/driver/nvidia') or {'GOMP_SPINCOUNT', 'OMP_NUM_THREADS'} <= set(os.environ):
         return
-    if cpus_busy_elsewhere() >= 0.5:
+    busy, cpus = cpus_busy_elsewhere(), os.cpu_count() or 1
+    if busy < 0.5:
+        return
+    chosen = []
+    threads = max(1, int(cpus - busy))
+    if 'OMP_NUM_THREADS' not in os.environ and threads < cpus:
+        os.environ['OMP_NUM_THREADS'] = str(threads)
+        chosen.append(f"torch uses {threads} of {cpus} threads (OMP_NUM_THREADS={threads}; set it to choose)")
+    if 'GOMP_SPINCOUNT' not in os.environ:
         os.environ['GOMP_SPINCOUNT'] = '1000'
-        print("other processes keep a CPU busy: OpenMP threads spin only briefly before they sleep (GOMP_SPINCOUNT=1000)")
+        chosen.append("idle OpenMP threads spin only briefly before they sleep (GOMP_SPINCOUNT=1000)")
+    if chosen:
+        print(f"other processes keep {busy:.1f} of {cpus} CPUs busy: {'; '.join(chosen)}")
 
 
 def cpus_busy_elsewhere(seconds=0.1):

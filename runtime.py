@@ -41,6 +41,38 @@ def cpu_has_bf16():
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
+@lru_cache
+def cpu_bf16_fast(n=256):
+    """Whether torch multiplies bfloat16 matrices faster than float32 ones on this CPU, as it runs now: measured
+    once per process (a few ms; a tenth of a second where capped), and only where /proc/cpuinfo lists the instructions. The flags alone do not
+    say it: with oneDNN capped below them (ONEDNN_MAX_CPU_ISA=AVX2) bfloat16 runs emulated, many times slower.
+    Timed on one thread: on a busy CPU a product split across threads waits for the slowest."""
+    if not cpu_has_bf16():
+        return False
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(n, n)
+        float32 = fastest_product(a, 10)
+        return fastest_product(a.bfloat16(), 10, give_up_after=3 * float32) * 1.3 < float32
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fastest_product(a, tries, give_up_after=float('inf')):
+    """Seconds of the fastest of a few products a @ a (after one to warm up): the fastest is the one that no
+    other process interrupted. Stops early once even the fastest is slower than give_up_after."""
+    a @ a
+    best = float('inf')
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+        if best > give_up_after:
+            break
+    return best
+
+
 @dataclass
 class Plan:
     """How a script runs: see device_plan."""
@@ -87,7 +119,7 @@ def device_plan(device, dtype, has_cuda, cuda_bf16, has_mps, mps_bf16, cpu_bf16,
         if dtype == 'auto':
             dtype = 'float32'  # as nanoGPT runs on a Mac; autocast is opt-in, its gain varies from chip to chip
             why.append("--dtype=float16 or bfloat16 for autocast")
-    else:  # a CPU autocasts to bfloat16 only where it has the instructions: twice the matmul speed there
+    else:  # a CPU autocasts to bfloat16 only where torch runs it fast (the instructions, not capped): twice the speed
         if dtype == 'auto' and cpu_bf16 and decoding:  # one token at a time: autocast would re-cast every weight per token
             dtype = 'float32'
             why.append("decoding runs faster in float32 on a CPU; --dtype=bfloat16 for autocast")
@@ -95,7 +127,7 @@ def device_plan(device, dtype, has_cuda, cuda_bf16, has_mps, mps_bf16, cpu_bf16,
             dtype = 'bfloat16' if cpu_bf16 else 'float32'
         elif dtype == 'bfloat16' and not cpu_bf16:
             dtype = 'float32'
-            why.append("this CPU has no bfloat16 instructions (AVX512-BF16 or AMX)")
+            why.append("bfloat16 is slow on this CPU: no AVX512-BF16 or AMX, or torch's use of them capped")
         elif dtype == 'float16':
             dtype = 'float32'
             why.append("float16 on a CPU is emulated, slower than float32")
@@ -114,9 +146,10 @@ def setup(device, dtype, verbose=True, decoding=False, training=False, flash_att
     """device_plan for this machine, with its autocast context (plan.ctx). Turns on TF32 matmuls on CUDA.
     Prints the plan in one line when verbose. Raises ValueError as device_plan does."""
     has_cuda, has_mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    on_cpu = device == 'cpu' or (device == 'auto' and not has_cuda and not has_mps)  # else no time spent measuring it
     plan = device_plan(device, dtype, has_cuda, has_cuda and torch.cuda.is_bf16_supported(),
-                       has_mps, has_mps and torch.backends.mps.is_macos_or_newer(14, 0), cpu_has_bf16(), decoding,
-                       training, flash_attn, chunked_loss)
+                       has_mps, has_mps and torch.backends.mps.is_macos_or_newer(14, 0), on_cpu and cpu_bf16_fast(),
+                       decoding, training, flash_attn, chunked_loss)
     if plan.device_type == 'cuda':
         torch.set_float32_matmul_precision('high')  # TF32 for float32 matmuls: Ampere's tensor cores, ~1e-3 error
     if plan.autocast:

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import runtime
 from conftest import copy_repo, exit_message, write_bins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,13 +118,24 @@ def test_bench_train_compares_ours_float32_and_nanogpt(tmp_path):
     out = result.stdout
     assert 'CPU: ' in out and 'medians over 1 alternating runs' in out
     summary = out.split('medians over')[1]
-    assert 'nanoGPT' in summary and '100.0 ms/iter (100.0-100.0)  val loss 3.5000' in summary
-    assert re.search(r'quick ours .* ms/iter .*speed: [\d.]+x ours, float32, [\d.]+x nanoGPT', summary)
+    assert 'nanoGPT (float32)' in summary and '100.0 ms/iter (100.0-100.0)  val loss 3.5000' in summary
+    # each row names its dtype; a float32 row of ours only where ours runs bfloat16 by default (one run, one row)
+    auto = runtime.setup('cpu', 'auto', verbose=False, training=True).dtype
+    others = r'[\d.]+x ours \(float32\), ' if auto == 'bfloat16' else ''
+    assert re.search(rf'quick ours \({auto}\) .* ms/iter .*speed: {others}[\d.]+x nanoGPT \(float32\)\n', summary)
+    assert len(re.findall(r'^quick ', summary, re.M)) == (3 if auto == 'bfloat16' else 2)
+    assert ('no separate float32 row' in out) == (auto == 'float32')
     # --float32=False: ours and nanoGPT only
     result = subprocess.run([sys.executable, 'bench_train.py', '--shapes=quick', '--quick_iters=6', '--repeats=1',
                              '--nanogpt_dir=nanogpt', '--float32=False'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert 'ours, float32' not in result.stdout and re.search(r'quick ours .*speed: [\d.]+x nanoGPT\n', result.stdout)
+    assert len(re.findall(r'^quick ', result.stdout.split('medians over')[1], re.M)) == 2
+    assert re.search(rf'quick ours \({auto}\) .*speed: [\d.]+x nanoGPT \(float32\)\n', result.stdout)
+    if auto == 'bfloat16':  # oneDNN capped below bfloat16: ours runs float32, so one row of ours
+        result = subprocess.run([sys.executable, 'bench_train.py', '--shapes=quick', '--quick_iters=6', '--repeats=1'],
+                                cwd=tmp_path, env=dict(env, ONEDNN_MAX_CPU_ISA='AVX2'), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert 'no separate float32 row' in result.stdout and 'bfloat16' not in result.stdout
 
 
 @pytest.mark.slow

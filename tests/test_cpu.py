@@ -71,30 +71,34 @@ def test_speed_up_keeps_parameters_state_dict_and_outputs(training):
 
 def run_spin_choice(env):
     """What set_openmp_wait printed and chose, in a fresh process with env."""
-    code = "import cpu; cpu.set_openmp_wait(); import os; print('SPIN', os.environ.get('GOMP_SPINCOUNT'))"
+    code = ("import cpu; cpu.set_openmp_wait(); import os; "
+            "print('SPIN', os.environ.get('GOMP_SPINCOUNT'), 'THREADS', os.environ.get('OMP_NUM_THREADS'))")
     return subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=60).stdout
 
 
 @pytest.mark.slow
 def test_openmp_wait_keeps_the_users_own_setting():
-    assert run_spin_choice({**os.environ, 'GOMP_SPINCOUNT': '7'}).strip() == 'SPIN 7'
+    assert run_spin_choice({**os.environ, 'GOMP_SPINCOUNT': '7', 'OMP_NUM_THREADS': '3'}).strip() == 'SPIN 7 THREADS 3'
 
 
 @pytest.mark.slow
-def test_openmp_wait_spins_briefly_only_when_other_processes_keep_a_cpu_busy():
+def test_openmp_threads_and_wait_when_other_processes_keep_the_cpus_busy():
     if not os.path.exists('/proc/stat') or os.path.exists('/proc/driver/nvidia'):
         pytest.skip('Linux without an NVIDIA driver only')
-    env = {k: v for k, v in os.environ.items() if k != 'GOMP_SPINCOUNT'}
+    env = {k: v for k, v in os.environ.items() if k not in ('GOMP_SPINCOUNT', 'OMP_NUM_THREADS')}
     busy = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(os.cpu_count())]
     try:
         import time
         time.sleep(0.3)
         loaded = run_spin_choice(env)
+        own_threads = run_spin_choice(dict(env, OMP_NUM_THREADS='2'))
     finally:
         for p in busy:
             p.kill()
-    assert 'SPIN 1000' in loaded and 'GOMP_SPINCOUNT=1000' in loaded
+    # every core taken: one thread, said in the line that says why
+    assert 'SPIN 1000 THREADS 1' in loaded and 'OMP_NUM_THREADS=1' in loaded and 'GOMP_SPINCOUNT=1000' in loaded
+    assert 'SPIN 1000 THREADS 2' in own_threads and 'OMP_NUM_THREADS=' not in own_threads.splitlines()[0]
 
 
 FAULTS_PER_STEP = """
@@ -131,3 +135,30 @@ def test_training_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
         return float(out.stdout.split()[-1])
     default, kept = faults('default'), faults('keep')
     assert kept * 3 < default, (kept, default)
+
+
+@pytest.mark.parametrize('flash_attn', [True, False])
+def test_training_with_the_cpu_path_keeps_the_plain_paths_losses(flash_attn):
+    """A few AdamW steps as train.py takes them on a CPU (speed_up, the chunked loss: 2 chunks here) against the
+    plain model and F.cross_entropy: the same losses and weights, to float rounding."""
+    losses, weights = [], []
+    for cpu_path in (False, True):
+        model = tiny_model(flash_attn=flash_attn).train()
+        if cpu_path:
+            cpu.speed_up(model, training=True)
+        optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+        torch.manual_seed(1)
+        run = []
+        for _ in range(4):
+            idx = torch.randint(0, 50304, (20, 16))  # 320 rows: past one 166-row chunk of 50304 logits
+            _, loss = model(idx, idx.roll(1, 1), chunked_loss=cpu_path)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.append(loss.item())
+        losses.append(run)
+        weights.append(model.lm_head.weight.detach())
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
+    assert losses[0][-1] < losses[0][0]  # it trained

@@ -2,6 +2,8 @@
 autocast context, and the peaks that MFU is measured against."""
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,7 +76,7 @@ def test_setup_says_what_it_picked(capsys):
     assert plan.device == 'cpu' and plan.autocast is None
 
 
-@pytest.mark.skipif(not runtime.cpu_has_bf16(), reason='a CPU without bfloat16 instructions')
+@pytest.mark.skipif(not runtime.cpu_bf16_fast(), reason='a CPU without fast bfloat16 products')
 def test_cpu_bfloat16_context_autocasts_at_every_step_and_undoes_it():
     ctx = runtime.setup('cpu', 'bfloat16', verbose=False).ctx
     a = torch.randn(4, 4)
@@ -162,3 +164,18 @@ def test_setup_prints_the_training_plan_in_one_line(capsys):
     plan = runtime.setup('cpu', 'float32', training=True)
     assert capsys.readouterr().out == "device cpu, float32, sdpa attention, chunked loss\n"
     assert plan.ctx is not None
+
+
+def plan_in_a_fresh_process(env):
+    """The dtype that runtime.setup('cpu', 'auto') picks for training in a new process with env."""
+    code = "import runtime; print(runtime.setup('cpu', 'auto', verbose=False, training=True).dtype)"
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.skipif(not runtime.cpu_has_bf16(), reason='/proc/cpuinfo lists no bfloat16 instructions')
+def test_auto_dtype_is_float32_where_onednn_is_capped_below_bfloat16():
+    # the flags still list avx512_bf16, but torch's bfloat16 products run emulated: many times slower than float32
+    assert plan_in_a_fresh_process(dict(os.environ, ONEDNN_MAX_CPU_ISA='AVX2')) == 'float32'
+    assert plan_in_a_fresh_process({k: v for k, v in os.environ.items() if k != 'ONEDNN_MAX_CPU_ISA'}) == 'bfloat16'
