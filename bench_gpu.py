@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from configurator import check
+
 # -----------------------------------------------------------------------------
 device = 'auto'  # passed to every run: 'auto' takes the GPU
 dtype = 'auto'  # bfloat16 on Ampere and newer GPUs
@@ -34,7 +36,7 @@ variants = 'learned sdpa, learned explicit, ALiBi sdpa, ALiBi explicit'  # the t
 sample_batches = '1, 8'  # bench.py --mode=sample at these batch sizes
 table = ''  # also write the table to this file
 log_dir = ''  # keep every run's output there (bench_gpu.sh: $OUT on a GPU machine); '' : a temporary folder
-exec(open('configurator.py').read())
+exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
 check('shape', lambda v: v in ('gpt2', 'tiny'), "'gpt2' or 'tiny'")
 check('budget_s', lambda v: v > 0, 'a number of seconds > 0')
 check('shakespeare_iters', lambda v: v >= 1, 'an integer >= 1')
