@@ -43,7 +43,7 @@ check('shape', lambda v: v in ('quick', 'char'), "'quick' or 'char'")
 check('kinds', lambda v: set(v.split(',')) <= {'nanogpt', 'adamw', 'muon'}, "a comma-separated choice of nanogpt, adamw, muon")
 check('seeds', lambda v: all(s.isdigit() for s in v.split(',')), 'comma-separated integers, e.g. 1,2,3')
 check('eval_interval', lambda v: v >= 1, 'an integer >= 1')
-check('nanogpt_dir', lambda v: 'nanogpt' not in kinds.split(',') or os.path.exists(os.path.join(v, 'train.py')),
+check('nanogpt_dir', lambda v: 'nanogpt' not in kinds.split(',') or (v and os.path.exists(os.path.join(v, 'train.py'))),
       'a checkout of the original nanoGPT (a folder with its train.py); or leave nanogpt out of --kinds')
 # -----------------------------------------------------------------------------
 SHAPES = {  # the train.py flags (both scripts take them) and the default target
