@@ -37,12 +37,13 @@ muon_flags = ''  # extra flags for ours+Muon (a tuned recipe), e.g. '--muon_lr=0
 nanogpt_dir = ''  # a checkout of github.com/karpathy/nanoGPT (needed for kind nanogpt)
 results = 'bench_target.jsonl'  # the runs, one JSON line each: appended, and read back for the table
 budget_s = 540  # start no new run after this many seconds
+device = 'cpu'  # where both train ('cuda' for the char shape: on this CPU its runs take hours)
 exec(open('configurator.py').read())
 check('shape', lambda v: v in ('quick', 'char'), "'quick' or 'char'")
 check('kinds', lambda v: set(v.split(',')) <= {'nanogpt', 'adamw', 'muon'}, "a comma-separated choice of nanogpt, adamw, muon")
 check('seeds', lambda v: all(s.isdigit() for s in v.split(',')), 'comma-separated integers, e.g. 1,2,3')
 check('eval_interval', lambda v: v >= 1, 'an integer >= 1')
-check('nanogpt_dir', lambda v: 'nanogpt' not in kinds.split(',') or os.path.exists(os.path.join(v, 'train.py')),
+check('nanogpt_dir', lambda v: 'nanogpt' not in kinds.split(',') or (v and os.path.exists(os.path.join(v, 'train.py'))),
       'a checkout of the original nanoGPT (a folder with its train.py); or leave nanogpt out of --kinds')
 # -----------------------------------------------------------------------------
 SHAPES = {  # the train.py flags (both scripts take them) and the default target
@@ -71,7 +72,7 @@ def time_to_target(kind, seed, tmp):
     """One run, stopped (SIGKILL) at the first evaluation at or under the target: its record."""
     cwd = os.path.join(tmp, 'nanogpt') if kind == 'nanogpt' else '.'
     out_dir = os.path.join(tmp, f'out-{kind}-{seed}')
-    args = [*flags, '--device=cpu', '--compile=False', f'--eval_interval={eval_interval}', '--log_interval=100',
+    args = [*flags, f'--device={device}', '--compile=False', f'--eval_interval={eval_interval}', '--log_interval=100',
             f'--out_dir={out_dir}', '--always_save_checkpoint=False']
     args += [] if kind == 'nanogpt' else [f'--seed={seed}', f'--optimizer={kind}']
     args += muon_flags.split() if kind == 'muon' else []
@@ -103,7 +104,7 @@ if os.path.exists(results):
     with open(results) as f:
         done = [json.loads(line) for line in f if line.strip()]
 key = lambda r: (r['shape'], r['target'], r['kind'], r['seed'], r['flags'])
-print(f"CPU: {device_name('cpu')}, {os.cpu_count()} logical CPUs; OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}")
+print(f"device: {device_name(device)}, {os.cpu_count()} logical CPUs; OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}")
 started = time.time()
 with tempfile.TemporaryDirectory() as tmp:
     if 'nanogpt' in kinds.split(','):  # a copy of its scripts, patched as above, that reads our token bins
@@ -139,7 +140,7 @@ for r in done:
 spread = lambda xs, fmt: f"{fmt.format(statistics.median(xs))} ({fmt.format(min(xs))}-{fmt.format(max(xs))})" if xs else '-'
 nanogpt_wall = [r['wall_s'] for r in rows.get(('nanogpt', ''), []) if r['reached']]
 loads = [x for rs in rows.values() for r in rs for x in (r['load_before'], r['load_after'])]
-print(f"\n{shape} shape to val loss {target}, CPU {device_name('cpu')}; load {min(loads, default=0):.1f}-{max(loads, default=0):.1f}; "
+print(f"\n{shape} shape to val loss {target}, {device_name(device)}; load {min(loads, default=0):.1f}-{max(loads, default=0):.1f}; "
       f"median (min-max) over seeds")
 print("| run | seeds reached | iterations | tokens | wall s | joules | wall time vs nanoGPT's |")
 print("|---|---|---|---|---|---|---|")
