@@ -44,9 +44,10 @@ def cpu_has_bf16():
 @lru_cache
 def cpu_bf16_fast(n=256):
     """Whether torch multiplies bfloat16 matrices faster than float32 ones on this CPU, as it runs now: measured
-    once per process (a few ms; a tenth of a second where capped), and only where /proc/cpuinfo lists the instructions. The flags alone do not
-    say it: with oneDNN capped below them (ONEDNN_MAX_CPU_ISA=AVX2) bfloat16 runs emulated, many times slower.
-    Timed on one thread: on a busy CPU a product split across threads waits for the slowest."""
+    once per process (tens of ms; a tenth of a second where capped), only where /proc/cpuinfo lists the
+    instructions. The flags alone do not say it: with oneDNN capped below them (ONEDNN_MAX_CPU_ISA=AVX2)
+    bfloat16 runs emulated, many times slower. Timed on one thread: on a busy CPU a product split across
+    threads waits for the slowest."""
     if not cpu_has_bf16():
         return False
     threads = torch.get_num_threads()
