@@ -23,9 +23,9 @@ schemes = 'learned,alibi,rope,none'
 seeds = '1,2,3'  # train.py's seed: initial weights, batches and dropout
 out_dir = 'out-positions'  # one directory per run in it
 device = 'cpu'
-max_iters = 300
-block_size = 256  # the training length; evaluated at 1x, 2x and 4x
-eval_tokens = 32768  # val tokens each length is scored on (the same for all)
+max_iters = 200
+block_size = 128  # the training length; evaluated at 1x, 2x and 4x
+eval_tokens = 16384  # val tokens each length is scored on (the same for all)
 train_args = '--n_layer=2 --n_head=4 --n_embd=64 --batch_size=4 --dropout=0.0 --learning_rate=3e-3 --warmup_iters=30'
 exec(open('configurator.py').read())
 check('max_iters', lambda v: v >= 20, 'an integer >= 20 (the first 10 iterations are not timed)')
