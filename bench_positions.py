@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 
+from configurator import fail, check
 from runtime import device_name
 
 # -----------------------------------------------------------------------------
@@ -27,7 +28,7 @@ max_iters = 200
 block_size = 128  # the training length; evaluated at 1x, 2x and 4x
 eval_tokens = 16384  # val tokens each length is scored on (the same for all)
 train_args = '--n_layer=2 --n_head=4 --n_embd=64 --batch_size=4 --dropout=0.0 --learning_rate=3e-3 --warmup_iters=30'
-exec(open('configurator.py').read())
+exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
 check('max_iters', lambda v: v >= 20, 'an integer >= 20 (the first 10 iterations are not timed)')
 # -----------------------------------------------------------------------------
 SCHEMES = schemes.split(',')

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 
+from configurator import fail, check
 from runtime import device_name
 
 # -----------------------------------------------------------------------------
@@ -38,7 +39,7 @@ nanogpt_dir = ''  # a checkout of github.com/karpathy/nanoGPT (needed for kind n
 results = 'bench_target.jsonl'  # the runs, one JSON line each: appended, and read back for the table
 budget_s = 540  # start no new run after this many seconds
 device = 'cpu'  # where both train ('cuda' for the char shape: on this CPU its runs take hours)
-exec(open('configurator.py').read())
+exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
 check('shape', lambda v: v in ('quick', 'char'), "'quick' or 'char'")
 check('kinds', lambda v: set(v.split(',')) <= {'nanogpt', 'adamw', 'muon'}, "a comma-separated choice of nanogpt, adamw, muon")
 check('seeds', lambda v: all(s.isdigit() for s in v.split(',')), 'comma-separated integers, e.g. 1,2,3')
