@@ -193,7 +193,7 @@ class FakeGPU:
         return self.value
 
 
-def test_energy_toggles_alternate_the_four_runs_and_give_their_millijoules_per_token(tmp_path, monkeypatch, capsys):
+def test_energy_toggles_alternate_the_eight_runs_and_give_their_millijoules_per_token(tmp_path, monkeypatch, capsys):
     """bench.py --energy_toggles=True, its meter on a fake counter where an explicit-attention forward costs three
     times a flash one: the runs alternate round by round, and the printed mJ/token are those costs."""
     import runpy
@@ -202,7 +202,7 @@ def test_energy_toggles_alternate_the_four_runs_and_give_their_millijoules_per_t
     gpu, order, forward = FakeGPU(), [], model.GPT.forward
 
     def costing_forward(self, *args, **kw):
-        order.append((self.config.flash_attn, self.config.alibi))
+        order.append((self.config.flash_attn, self.config.position))
         gpu.value += 10 * 8 * (1 if self.config.flash_attn else 3)  # 10 or 30 mJ for each of the 8 tokens
         return forward(self, *args, **kw)
     monkeypatch.setattr(model.GPT, 'forward', costing_forward)
@@ -214,13 +214,13 @@ def test_energy_toggles_alternate_the_four_runs_and_give_their_millijoules_per_t
                                       '--batch_size=1', '--block_size=8', '--n_layer=1', '--n_head=2', '--n_embd=16',
                                       '--vocab_size=16', '--energy_toggles=True', '--energy_rounds=3', '--energy_seconds=0.02'])
     runpy.run_path(os.path.join(ROOT, 'bench.py'), run_name='__main__')
-    runs = [(True, False), (False, False), (True, True), (False, True)]
+    runs = [(flash, position) for position in ('learned', 'alibi', 'rope', 'none') for flash in (True, False)]
     firsts = [order[0]] + [b for a, b in zip(order, order[1:]) if a != b]
     # a warm-up step each, then rounds forwards, backwards, forwards (a run that ends a round starts the next)
     assert firsts == runs + runs + runs[::-1][1:] + runs[1:]
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.startswith('round ') for line in lines) == 3
-    for flash, alibi in runs:
-        summary, = [line for line in lines if line.startswith(f"flash_attn={flash} alibi={alibi}: ")]
+    for flash, position in runs:
+        summary, = [line for line in lines if line.startswith(f"position={position} flash_attn={flash}: ")]
         assert summary.endswith(' W, median (min-max) of 3'), summary
         assert float(summary.split(': ')[1].split(' ')[0]) == pytest.approx(10 if flash else 30, rel=0.1), summary

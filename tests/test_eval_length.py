@@ -82,9 +82,9 @@ def test_learned_positions_stop_at_block_size(project):
 
 @pytest.mark.slow
 def test_bad_input_is_one_line(project):
-    proc = run(project, '--out_dir=out-none')
+    proc = run(project, '--out_dir=out-missing')
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
-    assert proc.stderr.strip().splitlines() == ["eval_length.py: no checkpoint out-none/ckpt.pt: train one first (python train.py --out_dir=out-none ...), "
+    assert proc.stderr.strip().splitlines() == ["eval_length.py: no checkpoint out-missing/ckpt.pt: train one first (python train.py --out_dir=out-missing ...), "
                                               "or pass --out_dir=<the run's directory>"]
 
 

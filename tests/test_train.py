@@ -81,7 +81,8 @@ def test_short_run_lowers_loss_and_writes_checkpoint(repo):
     assert {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config'} <= set(ckpt)
     assert ckpt['iter_num'] == 30 and ckpt['best_val_loss'] == pytest.approx(evals[-1]['val_loss'])
     assert ckpt['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True,
-                                      vocab_size=VOCAB, dropout=0.1, flash_attn=True, alibi=False, gelu='erf')
+                                      vocab_size=VOCAB, dropout=0.1, flash_attn=True, alibi=False, gelu='erf',
+                                      position='learned', rope_base=10000.0)
     assert ckpt['config']['dataset'] == 'tiny' and ckpt['config']['max_iters'] == 30
     model = GPT(GPTConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
