@@ -10,8 +10,9 @@ SIGTERM, SIGINT (Ctrl-C) or SIGHUP finish the current iteration, save ckpt.pt an
 
 import os
 import sys
-sys.excepthook = lambda kind, *rest: print("train.py: stopped by Ctrl-C before any training; nothing was written", file=sys.stderr) \
-    if kind is KeyboardInterrupt else sys.__excepthook__(kind, *rest)  # runs.name_failures names more, once imported
+import signal
+signal.signal(signal.SIGINT, lambda *_: (print("train.py: stopped by Ctrl-C before any training; nothing was written",
+              file=sys.stderr), os._exit(1)))  # until runs.StopRequest: a KeyboardInterrupt inside an import can be swallowed
 import json
 import math
 import time
