@@ -5,6 +5,7 @@ the model's parameters, state_dict and results, and steps aside on other devices
     cpu.set_openmp_wait()                  # before torch is imported: how many OpenMP threads, how they wait
     cpu.speed_up(model, training=True)     # in place: dropout masks from random bits; freed memory kept
     cpu.speed_up(model, training=False)    # in place: matrix-vector products of decoding as batched products
+    cpu.split_batch(model, tokens, dtype)  # in place: each core its share of a batch's rows, where that is faster
 Which attention a CPU trains with under autocast is decided with the device (runtime.py).
 bench.py and bench_train.py measure what these give.
 """
@@ -12,10 +13,15 @@ import math
 import os
 import time
 import ctypes
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+import runtime
+from model import GPT
 
 
 def set_openmp_wait():
@@ -78,7 +84,8 @@ class BitMaskDropout(nn.Dropout):
         dropped = round(self.p * 65536)  # of the 65536 values of a 16-bit lane
         if not self.training or x.device.type != 'cpu' or not 0 < dropped < 65536:
             return super().forward(x)
-        bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # all 64 bits random
+        bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64)
+        bits.random_(-2 ** 63, None, generator=getattr(part_of_batch, 'generator', None))  # all 64 bits random
         lanes = bits.view(torch.int16)[:x.numel()].view(x.shape)
         keep = lanes.clamp_(dropped - 32769, dropped - 32768).sub_(dropped - 32769)  # int16 1 (kept) or 0
         # the mask in x's dtype without a bool tensor in between: a CPU casts bools, or multiplies by them, slowly
@@ -113,3 +120,85 @@ def speed_up(model, training):
     if training:
         keep_freed_memory()
     return model
+
+
+part_of_batch = threading.local()  # in a thread of split_batch: the random generator of its share of the batch
+
+
+class GradientsAtHand(torch.autograd.Function):
+    """The loss whose gradients for params were already computed: backward hands them on, scaled by its input."""
+
+    @staticmethod
+    def forward(ctx, loss, grads, *params):
+        ctx.grads = grads
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None  # used once, as every backward's buffers
+        return None, None, *(None if g is None else g.mul_(grad_loss) for g in grads)
+
+
+class SplitBatchGPT(GPT):
+    """GPT whose loss over a batch is computed by several threads, one per core, each on its share of the batch's
+    rows with one torch thread: the matrices of a small model are too small to split across cores well, so the
+    batch is split instead (data parallelism inside one process). With gradients, each thread also runs its part's
+    backward in the forward pass; loss.backward() then hands on the sum. The loss and the gradients are the whole
+    batch's, to float rounding (each part's mean is weighted by its share of the targets); each part's dropout
+    draws from its own generator, seeded from torch's in order, so a run is as repeatable as on one thread."""
+
+    def forward(self, idx, targets=None, **kwargs):
+        if targets is None or kwargs.get('kv_cache') is not None or self.parts < 2 or idx.size(0) < 2:
+            return super().forward(idx, targets, **kwargs)
+        rows, row_targets = idx.tensor_split(self.parts), targets.tensor_split(self.parts)
+        counts = [int((t != -1).sum()) for t in row_targets]
+        if sum(counts) == 0:  # every target ignored: the plain loss (nan) says so
+            return super().forward(idx, targets, **kwargs)
+        with_grads = torch.is_grad_enabled()
+        params = [p for p in self.parameters() if p.requires_grad] if with_grads else []
+        seeds = torch.randint(2 ** 62, (len(rows),)).tolist() if self.training else [None] * len(rows)
+        autocast = torch.is_autocast_enabled('cpu'), torch.get_autocast_dtype('cpu')
+
+        def part(i):  # grad mode and autocast are each thread's own: the caller's, in every thread
+            part_of_batch.generator = None if seeds[i] is None else torch.Generator().manual_seed(seeds[i])
+            try:
+                with torch.set_grad_enabled(with_grads), torch.autocast('cpu', dtype=autocast[1], enabled=autocast[0]):
+                    logits, loss = GPT.forward(self, rows[i], row_targets[i], **kwargs)
+                    loss = loss * (counts[i] / sum(counts))
+                    grads = torch.autograd.grad(loss, params, allow_unused=True) if with_grads else ()
+                return logits, loss.detach(), grads
+            finally:
+                part_of_batch.generator = None
+
+        others = [self.pool.submit(part, i) for i in range(1, len(rows))]
+        results = [part(0)] + [f.result() for f in others]
+        logits = None if results[0][0] is None else torch.cat([r[0] for r in results])
+        loss = sum(r[1] for r in results)
+        if not with_grads:
+            return logits, loss
+        grads = [None if gs[0] is None else sum(gs[1:], gs[0]) for gs in zip(*(r[2] for r in results))]
+        return logits, GradientsAtHand.apply(loss, grads, *params)
+
+
+def split_batch(model, tokens, dtype, parts=None):
+    """Makes the GPT model (in place, by its class: parameters and state_dict stay) compute each batch's loss and
+    gradients in parts of its rows, one thread per core, where that is faster than torch's own threads: when one
+    batch (tokens rows x positions) takes at least 10 ms of matrix products at this CPU's measured speed in dtype
+    (below that, two threads' work per operation outweighs). parts: None decides; 1 leaves the model as it is; N
+    splits into N. Steps aside where attention's dropout is sdpa's. Sets torch to one thread, and says so in one line.
+    Returns the number of parts."""
+    threads = torch.get_num_threads()
+    if any(getattr(m, 'flash_attn', False) and m.dropout > 0 for m in model.modules()):
+        return 1  # sdpa's dropout draws from torch's one generator, which threads would take turns at
+    if parts is None:
+        flops = 6 * sum(p.numel() for p in model.parameters()) * tokens  # forward and backward, per token
+        parts = threads if flops / runtime.measured_peak_flops('cpu', dtype) >= 0.01 else 1
+    if parts > 1:
+        speed_up(model, training=True)  # dropout that draws from each part's own generator
+        model.__class__ = SplitBatchGPT
+        model.parts = parts
+        model.pool = ThreadPoolExecutor(parts - 1, initializer=torch.set_num_threads, initargs=(1,))
+        torch.set_num_threads(1)  # a second torch thread would only take a core from a part
+        print(f"each batch split over {parts} threads, one per core, each on {1 / parts:.3g} of its rows "
+              f"(split_batch=1: torch's own threads instead)")
+    return parts

@@ -90,11 +90,11 @@ class Plan:
 
 
 def device_plan(device, dtype, has_cuda, cuda_bf16, has_mps, mps_bf16, cpu_bf16, decoding=False, training=False,
-                flash_attn=True, chunked_loss=None):
+                flash_attn=True, chunked_loss=None, dropout=0.0):
     """How a script runs (a Plan), from its device and dtype settings and what the machine has. Raises
     ValueError, one line naming the fix, for a device or dtype this machine cannot run. decoding: the script
-    generates a token at a time (sample.py). training: the plan also settles the attention (flash_attn)
-    and the loss (chunked_loss; None: chunked on a CPU, where it was measured faster, plain elsewhere)."""
+    generates a token at a time (sample.py). training: the plan also settles the attention (flash_attn, given
+    the model's dropout) and the loss (chunked_loss; None: chunked on a CPU, where it was measured faster, plain elsewhere)."""
     picked = device == 'auto'
     if picked:
         device = 'cuda' if has_cuda else 'mps' if has_mps else 'cpu'
@@ -136,6 +136,9 @@ def device_plan(device, dtype, has_cuda, cuda_bf16, has_mps, mps_bf16, cpu_bf16,
     if training and flash_attn and device_type == 'cpu' and autocast is not None:
         flash_attn = False  # sdpa's CPU kernels have a slow bfloat16 backward (bench_train.py)
         why.append("explicit attention: sdpa trains slower in bfloat16 on a CPU")
+    elif training and flash_attn and device_type == 'cpu' and dropout > 0:
+        flash_attn = False  # sdpa draws its dropout from torch's one generator: cpu.split_batch's threads need their own
+        why.append("explicit attention: sdpa's dropout is slower on a CPU and draws from one generator")
     if chunked_loss is None:
         chunked_loss = training and device_type == 'cpu'  # measured faster there; elsewhere nanoGPT's loss
     return Plan(device=device, device_type=device_type, dtype=dtype, autocast=autocast, scaler=autocast is torch.float16,
@@ -143,14 +146,14 @@ def device_plan(device, dtype, has_cuda, cuda_bf16, has_mps, mps_bf16, cpu_bf16,
                 why='; '.join(why))
 
 
-def setup(device, dtype, verbose=True, decoding=False, training=False, flash_attn=True, chunked_loss=None):
+def setup(device, dtype, verbose=True, decoding=False, training=False, flash_attn=True, chunked_loss=None, dropout=0.0):
     """device_plan for this machine, with its autocast context (plan.ctx). Turns on TF32 matmuls on CUDA.
     Prints the plan in one line when verbose. Raises ValueError as device_plan does."""
     has_cuda, has_mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     on_cpu = device == 'cpu' or (device == 'auto' and not has_cuda and not has_mps)  # else no time spent measuring it
     plan = device_plan(device, dtype, has_cuda, has_cuda and torch.cuda.is_bf16_supported(),
                        has_mps, has_mps and torch.backends.mps.is_macos_or_newer(14, 0), on_cpu and cpu_bf16_fast(),
-                       decoding, training, flash_attn, chunked_loss)
+                       decoding, training, flash_attn, chunked_loss, dropout)
     if plan.device_type == 'cuda':
         torch.set_float32_matmul_precision('high')  # TF32 for float32 matmuls: Ampere's tensor cores, ~1e-3 error
     if plan.autocast:

@@ -99,6 +99,7 @@ device = 'auto'  # a CUDA GPU, else Apple's MPS, else the CPU; or 'cpu', 'cuda',
 dtype = 'auto'  # bfloat16 where the device has it, float16 on older GPUs, else float32; or one of those (see runtime.py)
 compile = True  # torch.compile the model: slower start, faster steps
 chunked_loss = None  # the loss a few rows at a time, never all logits (loss.py); None: on a CPU, where it is faster
+split_batch = None  # on a CPU: N threads, one per core, each on 1/N of a batch's rows (cpu.py); None: where faster; 1: off
 measure_energy = True  # joules per log line, evaluation and run where the machine can tell (NVML, RAPL): energy.py
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and (v is None or isinstance(v, (bool, int, float, str)))]
@@ -122,6 +123,7 @@ check('position', lambda v: v == 'learned' or init_from in ('scratch', 'resume')
 check('out_dir', lambda v: v, 'a directory name')
 check('eval_block_size', lambda v: v is None or (type(v) is int and v >= 1), 'an integer >= 1, or None')
 check('chunked_loss', lambda v: v in (None, True, False), 'True, False or None (None: on a CPU only)')
+check('split_batch', lambda v: v is None or (type(v) is int and v >= 1), 'None (where it is faster), 1 (off) or an integer >= 2')
 runs.name_failures(config)  # Ctrl-C while starting, out of memory, a lost DDP peer: one line, not a traceback
 # -----------------------------------------------------------------------------
 
@@ -131,7 +133,7 @@ ddp_world_size = int(os.environ.get('WORLD_SIZE', 1))
 master_process = ddp_rank == 0  # logs, evaluates into wandb and writes checkpoints
 try:
     plan = runtime.setup(device, dtype, verbose=master_process, training=True, flash_attn=flash_attn,
-                         chunked_loss=chunked_loss)
+                         chunked_loss=chunked_loss, dropout=dropout)
 except ValueError as e:
     fail(e)
 device, device_type, ctx = plan.device, plan.device_type, plan.ctx
@@ -231,6 +233,8 @@ model.to(device)
 model.gradient_checkpointing = gradient_checkpointing
 if device_type == 'cpu':
     cpu.speed_up(model, training=True)  # bit-mask dropout, freed memory kept (cpu.py)
+    if not (ddp or compile or gradient_checkpointing):  # each brings processes, graphs or reruns of its own
+        cpu.split_batch(model, batch_size * block_size, plan.autocast or torch.float32, split_batch)  # says so if it does
 if fsdp:  # sharded in place: still the GPT, with hooks that gather each Block's parameters for its passes
     from fsdp import shard_model, full_state_dicts
     shard_model(model, param_dtype=plan.autocast)  # None: float32, nothing cast

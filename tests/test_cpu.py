@@ -162,3 +162,67 @@ def test_training_with_the_cpu_path_keeps_the_plain_paths_losses(flash_attn):
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
     assert losses[0][-1] < losses[0][0]  # it trained
+
+
+def split_copy(model, parts):
+    """A copy of model whose batches are split into parts, a thread each (cpu.split_batch)."""
+    import copy
+    model = copy.deepcopy(model)
+    assert cpu.split_batch(model, 1, torch.float32, parts) == parts
+    return model
+
+
+@pytest.mark.parametrize('parts', [2, 3])
+def test_split_batch_gives_the_whole_batchs_loss_and_gradients(parts, one_thread):
+    """Each thread's part of the rows, its loss weighted by its share of the targets (some ignored, unevenly):
+    the plain model's loss, gradients and (unchunked) logits, to float rounding, in training and evaluation."""
+    plain = tiny_model(vocab_size=97).train()
+    split = split_copy(plain, parts)
+    torch.manual_seed(0)
+    idx, targets = torch.randint(0, 97, (7, 16)), torch.randint(0, 97, (7, 16))
+    targets[0, :12] = -1  # the first part has fewer targets than the others
+    for model in (plain, split):
+        logits, loss = model(idx, targets)
+        loss.backward()
+        model.results = logits, loss.detach(), [p.grad for p in model.parameters()]
+        with torch.no_grad():
+            model.eval_loss = model.eval()(idx, targets, chunked_loss=True)[1]
+    torch.testing.assert_close(split.results[0], plain.results[0])
+    torch.testing.assert_close(split.results[1], plain.results[1], rtol=1e-6, atol=1e-6)
+    for a, b in zip(split.results[2], plain.results[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split.eval_loss, plain.eval_loss, rtol=1e-6, atol=1e-6)
+    assert torch.torch.get_num_threads() == 1  # the parts' threads are the only ones
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # each thread runs under the caller's autocast
+        assert split.train()(idx, targets)[0].dtype == plain.train()(idx, targets)[0].dtype == torch.bfloat16
+
+
+def test_split_batch_with_dropout_repeats_from_torchs_seed(one_thread):
+    """Each part's dropout draws from its own generator, seeded in order from torch's: the same seed gives the
+    same loss and gradients, bit for bit, whichever thread runs first (what exact resume needs)."""
+    split = split_copy(tiny_model(dropout=0.2, flash_attn=False).train(), 2)
+    idx = torch.randint(0, 50304, (8, 16))
+    runs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        _, loss = split(idx, idx)
+        loss.backward()
+        runs.append([loss.detach()] + [p.grad.clone() for p in split.parameters()])
+        split.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not torch.equal(runs[0][0], runs[2][0])  # dropout is on: another seed, another loss
+
+
+def test_split_batch_is_chosen_where_a_batch_takes_many_milliseconds_of_products():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu.split_batch(tiny_model(), 4, torch.float32) == 1  # microseconds of products: torch's threads
+        assert torch.get_num_threads() == 2
+        model = tiny_model()  # 0.8M parameters x 1M tokens x 6: a few TFLOP, seconds on any CPU
+        assert cpu.split_batch(model, 2 ** 20, torch.float32) == 2 and type(model) is cpu.SplitBatchGPT
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(1)
+        assert cpu.split_batch(tiny_model(), 2 ** 20, torch.float32) == 1  # one thread (a busy CPU): nothing to split over
+    finally:
+        torch.set_num_threads(threads)

@@ -149,6 +149,15 @@ def test_training_attention_is_settled_with_the_device(machine, device, dtype, f
     assert runtime.device_plan(device, dtype, **MACHINES[machine], flash_attn=flash_attn).flash_attn is flash_attn
 
 
+@pytest.mark.parametrize('machine, device, expected', [('avx2', 'auto', False), ('zen4', 'cpu', False), ('h100', 'auto', True)])
+def test_training_with_dropout_on_a_cpu_takes_the_explicit_attention(machine, device, expected):
+    """sdpa draws its dropout from torch's one generator, which cpu.split_batch's threads cannot share repeatably."""
+    plan = runtime.device_plan(device, 'float32', **MACHINES[machine], training=True, dropout=0.1)
+    assert plan.flash_attn is expected and ('explicit attention' in plan.why) is not expected
+    assert runtime.device_plan(device, 'float32', **MACHINES[machine], training=True, dropout=0.0).flash_attn
+
+
+
 @pytest.mark.parametrize('machine, chunked_loss, expected', [
     ('zen4', None, True), ('avx2', None, True),  # measured faster on CPUs
     ('h100', None, False), ('mac', None, False),  # nanoGPT's loss on the logits

@@ -109,6 +109,25 @@ def test_resume_reproduces_the_uninterrupted_run(repo):
 
 
 @pytest.mark.slow
+def test_a_batch_split_over_threads_resumes_exactly_and_trains_as_torchs_threads(repo):
+    """--split_batch=2 (cpu.py): a stopped and resumed run repeats the uninterrupted one bit for bit, dropout on;
+    without dropout its losses are those of one batch on torch's threads, to float rounding."""
+    split = [*TINY, '--split_batch=2', '--max_iters=12', '--eval_interval=6']
+    straight = run(repo, *split, '--out_dir=straight')
+    assert 'each batch split over 2 threads' in straight.stdout and 'explicit attention' in straight.stdout
+    run(repo, *split[:-2], '--max_iters=6', '--eval_interval=6', '--out_dir=stopped')
+    run(repo, *split, '--out_dir=stopped', '--init_from=resume')
+    assert iter_losses(read_log(repo, 'stopped')) == iter_losses(read_log(repo, 'straight'))
+    a, b = load_ckpt(repo / 'straight' / 'ckpt.pt'), load_ckpt(repo / 'stopped' / 'ckpt.pt')
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    for parts in (1, 2):
+        result = run(repo, *TINY, '--dropout=0.0', f'--split_batch={parts}', '--max_iters=8', f'--out_dir=parts{parts}')
+        assert ('each batch split' in result.stdout) == (parts == 2)
+    one, two = iter_losses(read_log(repo, 'parts1')), iter_losses(read_log(repo, 'parts2'))
+    assert one.keys() == two.keys() and all(abs(one[k] - two[k]) < 1e-4 for k in one), (one, two)
+
+
+@pytest.mark.slow
 def test_cpu_bfloat16_trains_as_well_as_float32(repo):
     """dtype='bfloat16' (what 'auto' picks on a CPU with bf16 instructions) autocasts there, float32 elsewhere."""
     for dtype in ('float32', 'bfloat16'):
@@ -351,6 +370,7 @@ def error_of(repo, monkeypatch, *args):
     (['--device=gpu'], ["device='gpu' is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"]),
     (['--device=cuda:x'], ["device='cuda:x' is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"]),
     (['--out_dir='], ["out_dir='' is not a directory name"]),
+    (['--split_batch=0'], ['split_batch=0 is not None (where it is faster), 1 (off) or an integer >= 2']),
 ])
 def test_bad_settings_get_a_one_line_error(repo, monkeypatch, args, fragments):
     message = error_of(repo, monkeypatch, *args)
