@@ -279,7 +279,12 @@ if not finished():
         for p in paths.values():  # the shard in progress: this script's own partial file
             if os.path.exists(p + '.tmp'):
                 os.remove(p + '.tmp')
-        kept = f"{len(shards)} shard(s) ({len(shards) * S:,} documents) are kept in {shard_dir}"
+        try:  # what the manifest on disk lists: a stop between a shard's rename and its manifest has one fewer
+            with open(manifest_path) as f:
+                done = len(json.load(f)['shards'])
+        except (OSError, ValueError, KeyError):
+            done = 0
+        kept = f"{done} shard(s) ({done * S:,} documents) are kept in {shard_dir}"
         bar.close()
         if isinstance(e, KeyboardInterrupt):
             stop(f"interrupted; {kept}: run the same command to continue")
