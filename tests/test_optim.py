@@ -69,13 +69,14 @@ def test_muon_under_ddp_and_fsdp_trains_like_one_process(repo):
         assert sorted(evals(out_dir)) == [0, 2, 4] and evals(out_dir) == pytest.approx(evals('single'), rel=5e-4), out_dir
         other = load_ckpt(repo / out_dir / 'ckpt.pt')
         for k in single['model']:
-            # FSDP rounds each Newton-Schulz product in other places (next test), and that compounds over steps
-            torch.testing.assert_close(other['model'][k], single['model'][k], rtol=0, atol=1e-3 if out_dir == 'ddp' else 1e-2, msg=k)
+            # summed in another order (DDP) or rounded in other places (FSDP, next test), the gradients' float32
+            # differences go through bfloat16 Newton-Schulz products, which round at up to 5e-3 a step (next test)
+            torch.testing.assert_close(other['model'][k], single['model'][k], rtol=0, atol=1e-2, msg=k)
         assert other['optimizer']['muon']['param_groups'] == single['optimizer']['muon']['param_groups'], out_dir
         for which in ('adamw', 'muon'):  # the state in the plain layout, parameter for parameter
             for i, state in single['optimizer'][which]['state'].items():
                 for name, value in state.items():
-                    torch.testing.assert_close(other['optimizer'][which]['state'][i][name], value, rtol=1e-2, atol=1e-4)
+                    torch.testing.assert_close(other['optimizer'][which]['state'][i][name], value, rtol=1e-2, atol=1e-3)
 
 
 FSDP_MUON_STEP = """
@@ -105,6 +106,8 @@ for n in names:
     w = sharded[n].full_tensor()
     if dist.get_rank() == 0:
         print(n, (w - single[n]).abs().max().item(), (single[n].double() - exact[n]).abs().max().item())
+dist.barrier()
+dist.destroy_process_group()  # a process that exits with gloo's threads still up can abort ('terminate called')
 """
 
 
