@@ -85,6 +85,8 @@ model = GPT(gptconf)
 model.to(device)
 if device_type == 'cpu':
     cpu.speed_up(model, training=mode == 'train')
+    if mode == 'train' and not compile:  # as train.py trains
+        cpu.split_batch(model, batch_size * block_size, plan.autocast or torch.float32)
 
 
 def median_and_spread(xs):

@@ -6,7 +6,7 @@ the model's parameters, state_dict and results, and steps aside on other devices
     cpu.speed_up(model, training=True)     # in place: dropout masks from random bits; freed memory kept
     cpu.speed_up(model, training=False)    # in place: matrix-vector products of decoding as batched products
     cpu.split_batch(model, tokens, dtype)  # in place: each core its share of a batch's rows, where that is faster
-Which attention a CPU trains with under autocast is decided with the device (runtime.py).
+Which attention a CPU trains with (under autocast, with dropout) is decided with the device (runtime.py).
 bench.py and bench_train.py measure what these give.
 """
 import math

@@ -9,6 +9,8 @@ embedding is also the tied head), the biases and the LayerNorm gains.
 """
 import torch
 
+import runtime
+
 
 def muon_parameter_names(model):
     """The parameters Muon steps: the 2-D weights inside the Blocks."""
@@ -19,7 +21,8 @@ class MuonAdamW:
     """Muon for the Blocks' matrices, AdamW for the rest, stepped, zeroed, saved and loaded as one optimizer.
     Muon's learning rate follows the same schedule as AdamW's, scaled by muon_lr / learning_rate."""
 
-    def __init__(self, model, learning_rate, weight_decay, betas, muon_lr, muon_momentum, muon_weight_decay, fused):
+    def __init__(self, model, learning_rate, weight_decay, betas, muon_lr, muon_momentum, muon_weight_decay, fused,
+                 float32_newton_schulz=False):
         muon_names = set(muon_parameter_names(model))
         rest = [(n, p) for n, p in model.named_parameters() if n not in muon_names]
         matrices = [p for n, p in model.named_parameters() if n in muon_names]
@@ -29,6 +32,7 @@ class MuonAdamW:
                   {'params': [p for _, p in rest if p.dim() < 2], 'weight_decay': 0.0}]
         self.adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
         self.muon_lr_scale = muon_lr / learning_rate if learning_rate > 0 else 0.0
+        self.float32_newton_schulz = float32_newton_schulz
         print(f"Muon: {len(matrices)} matrices with {sum(p.numel() for p in matrices):,} parameters; AdamW: "
               f"{len(rest)} tensors (embeddings, biases, gains) with {sum(p.numel() for _, p in rest):,}")
 
@@ -38,7 +42,15 @@ class MuonAdamW:
 
     def step(self):
         self.adamw.step()
-        self.muon.step()
+        if self.float32_newton_schulz and hasattr(torch.optim._muon, '_zeropower_via_newtonschulz'):
+            bfloat16_iterations = torch.optim._muon._zeropower_via_newtonschulz
+            torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_in_float32
+            try:
+                self.muon.step()
+            finally:
+                torch.optim._muon._zeropower_via_newtonschulz = bfloat16_iterations
+        else:
+            self.muon.step()
 
     def zero_grad(self, set_to_none=True):
         self.adamw.zero_grad(set_to_none=set_to_none)
@@ -52,13 +64,26 @@ class MuonAdamW:
         self.muon.load_state_dict(state_dict['muon'])
 
 
+def newton_schulz_in_float32(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim.Muon's Newton-Schulz iterations (the same coefficients, steps and transposes) in float32, for
+    CPUs where torch's bfloat16 products run emulated (AVX2 only), many times slower than float32's."""
+    a, b, c = ns_coefficients
+    x = grad.float().T if grad.size(0) > grad.size(1) else grad.float()  # (rows <= columns)
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G^2) x
+    return x.T if grad.size(0) > grad.size(1) else x
+
+
 def configure_optimizer(model, config, device_type):
     """The optimizer that config['optimizer'] names, for model's parameters."""
     c = config
     if c['optimizer'] == 'adamw':
         return model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']), device_type)
     return MuonAdamW(model, c['learning_rate'], c['weight_decay'], (c['beta1'], c['beta2']), c['muon_lr'],
-                     c['muon_momentum'], c['muon_weight_decay'], fused=device_type in ('cuda', 'mps', 'cpu'))
+                     c['muon_momentum'], c['muon_weight_decay'], fused=device_type in ('cuda', 'mps', 'cpu'),
+                     float32_newton_schulz=device_type == 'cpu' and not runtime.cpu_bf16_fast())
 
 
 def set_lr(optimizer, lr):

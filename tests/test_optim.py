@@ -142,3 +142,37 @@ def test_changing_optimizer_on_resume_is_one_line(repo, monkeypatch):
     message = exit_message(monkeypatch, repo, 'train.py', *TINY, '--optimizer=muon', '--init_from=resume')
     assert message == ("train.py: out/ckpt.pt was trained with optimizer='adamw', whose state cannot go on in "
                        "optimizer='muon': resume with --optimizer=adamw"), message
+
+
+def test_float32_newton_schulz_is_torchs_iteration_without_bfloat16s_rounding():
+    """On CPUs whose bfloat16 products run emulated (AVX2 only), Muon's Newton-Schulz iterations run in float32:
+    torch's own iteration (same coefficients, steps, transposes) to bfloat16's rounding, closer to float64's, and
+    torch's function is back in place after each step."""
+    from torch.optim import _muon
+    torch.manual_seed(0)
+    args = (_muon.DEFAULT_A, _muon.DEFAULT_B, _muon.DEFAULT_C), _muon.DEFAULT_NS_STEPS, 1e-7
+    for shape in ((32, 96), (96, 32)):
+        g = torch.randn(shape)
+        ours, torchs = optim.newton_schulz_in_float32(g, *args), _muon._zeropower_via_newtonschulz(g, *args).float()
+        exact = _float64_iteration(g.double(), *args)
+        assert ours.dtype == torch.float32 and ours.shape == shape
+        assert (ours - torchs).abs().max() < 0.05  # bfloat16's rounding, compounded over 5 iterations
+        assert (ours.double() - exact).abs().max() < 1e-4 < (torchs.double() - exact).abs().max()
+    model = tiny_model(n_embd=32)
+    model(torch.randint(0, 50304, (2, 16)), torch.randint(0, 50304, (2, 16)))[1].backward()
+    original = _muon._zeropower_via_newtonschulz
+    optimizer = optim.MuonAdamW(model, 1e-3, 0.1, (0.9, 0.95), 0.02, 0.95, 0.0, fused=False, float32_newton_schulz=True)
+    before = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+    optimizer.step()
+    assert _muon._zeropower_via_newtonschulz is original
+    assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, before)
+
+
+def _float64_iteration(g, ns_coefficients, ns_steps, eps):
+    a, b, c = ns_coefficients
+    x = g.T if g.size(0) > g.size(1) else g
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if g.size(0) > g.size(1) else x
