@@ -84,7 +84,11 @@ def time_run(kind, shape, tmp):
         result = subprocess.CompletedProcess(run.args, run.wait(), ''.join(stdout), stderr.read())
     if result.returncode != 0:
         fail(f"the {kind} run of {shape} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
-    iter_ms = [float(ms) for ms in re.findall(r'^iter \d+: .*time ([\d.]+)ms', result.stdout, re.M)]
+    eval_interval = int(next(f for f in flags if f.startswith('--eval_interval=')).split('=')[1])
+    # past the first 5; nanoGPT's time of an iteration that starts with an evaluation includes it, and it runs one
+    # iteration past max_iters
+    iter_ms = [float(ms) for it, ms in re.findall(r'^iter (\d+): .*time ([\d.]+)ms', result.stdout, re.M)
+               if 5 <= int(it) < iters and int(it) % eval_interval != 0]
     val_loss = float(re.findall(r'^step \d+: .*val loss ([\d.]+)', result.stdout, re.M)[-1])
     plan = re.search(r'^device cpu, (\w+)', result.stdout, re.M)
     if plan and f'({plan[1]})' not in kind:
@@ -92,7 +96,7 @@ def time_run(kind, shape, tmp):
     busy = re.search(r'^other processes keep ([\d.]+) of', result.stdout, re.M)  # ours at its start (cpu.py)
     threads = re.search(r'OMP_NUM_THREADS=(\d+)', result.stdout)
     busy_text = f", busy CPU ({busy[1]} taken) at its start: {threads[1] + ' thread' if threads else 'short OpenMP spin'}" if busy else ''
-    return statistics.median(iter_ms[5:]), val_loss, busy_text
+    return statistics.median(iter_ms), val_loss, busy_text
 
 
 print(f"CPU: {device_name('cpu')}, {os.cpu_count()} logical CPUs; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
