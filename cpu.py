@@ -152,7 +152,8 @@ class SplitBatchGPT(GPT):
             return super().forward(idx, targets, **kwargs)
         rows, row_targets = idx.tensor_split(self.parts), targets.tensor_split(self.parts)
         counts = [int((t != -1).sum()) for t in row_targets]
-        if sum(counts) == 0:  # every target ignored: the plain loss (nan) says so
+        total = sum(counts)
+        if total == 0:  # every target ignored: the plain loss (nan) says so
             return super().forward(idx, targets, **kwargs)
         with_grads = torch.is_grad_enabled()
         params = [p for p in self.parameters() if p.requires_grad] if with_grads else []
@@ -164,7 +165,7 @@ class SplitBatchGPT(GPT):
             try:
                 with torch.set_grad_enabled(with_grads), torch.autocast('cpu', dtype=autocast[1], enabled=autocast[0]):
                     logits, loss = GPT.forward(self, rows[i], row_targets[i], **kwargs)
-                    loss = loss * (counts[i] / sum(counts))
+                    loss = loss * (counts[i] / total)
                     grads = torch.autograd.grad(loss, params, allow_unused=True) if with_grads else ()
                 return logits, loss.detach(), grads
             finally:
