@@ -22,7 +22,7 @@ class MuonAdamW:
     Muon's learning rate follows the same schedule as AdamW's, scaled by muon_lr / learning_rate."""
 
     def __init__(self, model, learning_rate, weight_decay, betas, muon_lr, muon_momentum, muon_weight_decay, fused,
-                 float32_newton_schulz=False):
+                 float32_newton_schulz=False, pool=None, parts=1):
         muon_names = set(muon_parameter_names(model))
         rest = [(n, p) for n, p in model.named_parameters() if n not in muon_names]
         matrices = [p for n, p in model.named_parameters() if n in muon_names]
@@ -33,6 +33,7 @@ class MuonAdamW:
         self.adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
         self.muon_lr_scale = muon_lr / learning_rate if learning_rate > 0 else 0.0
         self.float32_newton_schulz = float32_newton_schulz
+        self.pool, self.parts = pool, parts  # cpu.split_batch's threads (parts - 1 beside this one): they share out the matrices
         print(f"Muon: {len(matrices)} matrices with {sum(p.numel() for p in matrices):,} parameters; AdamW: "
               f"{len(rest)} tensors (embeddings, biases, gains) with {sum(p.numel() for _, p in rest):,}")
 
@@ -42,15 +43,40 @@ class MuonAdamW:
 
     def step(self):
         self.adamw.step()
+        in_parts = self.parts > 1 and hasattr(torch.optim._muon, '_single_tensor_muon')  # torch's step of a list of matrices
+        muon_step = self.muon_step_in_parts if in_parts else self.muon.step
         if self.float32_newton_schulz and hasattr(torch.optim._muon, '_zeropower_via_newtonschulz'):
             bfloat16_iterations = torch.optim._muon._zeropower_via_newtonschulz
             torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_in_float32
             try:
-                self.muon.step()
+                muon_step()
             finally:
                 torch.optim._muon._zeropower_via_newtonschulz = bfloat16_iterations
         else:
-            self.muon.step()
+            muon_step()
+
+    def muon_step_in_parts(self):
+        """torch.optim.Muon's step, its matrices shared out among this thread and the pool's: each matrix's update
+        (momentum, Newton-Schulz, weight) is its own, so the result is Muon.step's on one thread, bit for bit."""
+        for group in self.muon.param_groups:
+            params, grads, buffers = [], [], []
+            self.muon._init_group(group, params, grads, buffers)  # the parameters with gradients, their momenta
+            settings = {k: group[k] for k in ('lr', 'weight_decay', 'momentum', 'nesterov', 'ns_coefficients',
+                                              'ns_steps', 'eps', 'adjust_lr_fn')}
+            shares, load = [[] for _ in range(self.parts)], [0] * self.parts
+            for i in sorted(range(len(params)), key=lambda i: -params[i].numel()):  # the largest first, to the least loaded
+                least = load.index(min(load))
+                shares[least].append(i)
+                load[least] += params[i].numel()
+
+            def update(share):
+                with torch.no_grad():  # grad mode is each thread's own
+                    torch.optim._muon._single_tensor_muon([params[i] for i in share], [grads[i] for i in share],
+                                                          [buffers[i] for i in share], has_complex=False, **settings)
+            others = [self.pool.submit(update, share) for share in shares[1:]]
+            update(shares[0])
+            for f in others:
+                f.result()
 
     def zero_grad(self, set_to_none=True):
         self.adamw.zero_grad(set_to_none=set_to_none)
@@ -83,7 +109,8 @@ def configure_optimizer(model, config, device_type):
         return model.configure_optimizers(c['weight_decay'], c['learning_rate'], (c['beta1'], c['beta2']), device_type)
     return MuonAdamW(model, c['learning_rate'], c['weight_decay'], (c['beta1'], c['beta2']), c['muon_lr'],
                      c['muon_momentum'], c['muon_weight_decay'], fused=device_type in ('cuda', 'mps', 'cpu'),
-                     float32_newton_schulz=device_type == 'cpu' and not runtime.cpu_bf16_fast())
+                     float32_newton_schulz=device_type == 'cpu' and not runtime.cpu_bf16_fast(),
+                     pool=getattr(model, 'pool', None), parts=getattr(model, 'parts', 1))  # where cpu.split_batch split it
 
 
 def set_lr(optimizer, lr):

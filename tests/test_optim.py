@@ -176,3 +176,31 @@ def _float64_iteration(g, ns_coefficients, ns_steps, eps):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if g.size(0) > g.size(1) else x
+
+
+@pytest.mark.parametrize('float32_newton_schulz', [False, True])
+def test_muon_step_shared_out_over_a_split_batchs_threads_is_muons_step(float32_newton_schulz, one_thread):
+    """Where cpu.split_batch splits the batch over threads, Muon's matrices are shared out among them too: over a
+    few steps (momentum kept, weight decay on), the weights and momenta are torch.optim.Muon's own, bit for bit."""
+    from test_cpu import split_copy
+    plain = tiny_model(n_layer=2, n_embd=48).train()
+    split = split_copy(plain, 3)
+    config = dict(optimizer='muon', learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, muon_lr=0.05,
+                  muon_momentum=0.95, muon_weight_decay=0.1)
+    optimizers = [optim.configure_optimizer(m, config, 'cpu') for m in (plain, split)]
+    assert (optimizers[0].parts, optimizers[1].parts) == (1, 3) and optimizers[1].pool is split.pool
+    for opt in optimizers:
+        opt.float32_newton_schulz = float32_newton_schulz
+    torch.manual_seed(0)
+    for _ in range(3):  # the same gradients for both (the split's own differ by float rounding): only the steps differ
+        idx = torch.randint(0, 50304, (6, 16))
+        plain(idx, idx)[1].backward()
+        for a, b in zip(plain.parameters(), split.parameters()):
+            b.grad = a.grad.clone()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (name, a), b in zip(plain.named_parameters(), split.parameters()):
+        assert torch.equal(a, b), name
+    for i, state in optimizers[0].muon.state_dict()['state'].items():
+        assert torch.equal(optimizers[1].muon.state_dict()['state'][i]['momentum_buffer'], state['momentum_buffer']), i
