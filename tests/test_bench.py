@@ -224,3 +224,60 @@ def test_energy_toggles_alternate_the_eight_runs_and_give_their_millijoules_per_
         summary, = [line for line in lines if line.startswith(f"position={position} flash_attn={flash}: ")]
         assert summary.endswith(' W, median (min-max) of 3'), summary
         assert float(summary.split(': ')[1].split(' ')[0]) == pytest.approx(10 if flash else 30, rel=0.1), summary
+
+
+FAKE_NANOGPT_TO_TARGET = '''import os
+seeds = []
+class torch:  # a stand-in for nanoGPT's train.py: the lines bench_target.py patches, then its kind of output
+    manual_seed = staticmethod(seeds.append)
+seed_offset = 0
+torch.manual_seed(1337 + seed_offset)
+def get_batch(split):
+    ix = torch.randint(len(data) - block_size, (batch_size,))
+def estimate_loss():
+    for split in ['train', 'val']:
+        if True:
+            X, Y = get_batch(split)
+print("tokens per iteration will be: 768")
+for step in range(0, 300, 50):  # seed N reaches 1.88 at step 50 N: the patched seed line took the benchmark's seed
+    print(f"step {step}: train loss 4.0, val loss {1.8 if step >= 50 * seeds[0] else 4.0:.4f}")
+'''
+
+
+@pytest.mark.slow
+def test_bench_target_stops_each_run_at_its_target_and_goes_on_where_it_stopped(tmp_path):
+    """nanoGPT (a stand-in with the lines the benchmark patches), ours with AdamW and with Muon, at the quick shape
+    on a repeated phrase: each run stops at its first evaluation under the target and is appended to the results;
+    a second invocation repeats none and prints the table; a failing run is one line."""
+    copy_repo(tmp_path)
+    phrase = np.random.default_rng(0).integers(0, 65, 50)
+    write_bins(tmp_path / 'data' / 'shakespeare_char', np.tile(phrase, 200), np.tile(phrase, 40), {'vocab_size': 65})
+    (tmp_path / 'nanogpt').mkdir()
+    (tmp_path / 'nanogpt' / 'train.py').write_text(FAKE_NANOGPT_TO_TARGET)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    bench = lambda *args: subprocess.run([sys.executable, 'bench_target.py', '--nanogpt_dir=nanogpt', '--seeds=1,2',
+                                          '--eval_interval=10', '--results=runs.jsonl', *args], cwd=tmp_path, env=env,
+                                         capture_output=True, text=True, timeout=600)
+    result = bench('--target=3.0', '--kinds=nanogpt', '--seeds=1')  # one run, then the rest
+    assert result.returncode == 0, result.stderr
+    result = bench('--target=3.0')
+    assert result.returncode == 0, result.stderr
+    runs = [json.loads(line) for line in open(tmp_path / 'runs.jsonl')]
+    assert [(r['kind'], r['seed']) for r in runs] == [('nanogpt', 1), ('adamw', 1), ('muon', 1), ('nanogpt', 2),
+                                                      ('adamw', 2), ('muon', 2)]  # alternating; nanoGPT's seed 1 not again
+    assert all(r['reached'] and r['val_loss'] <= 3.0 for r in runs)
+    assert [(r['iters'], r['tokens']) for r in runs if r['kind'] == 'nanogpt'] == [(50, 50 * 768), (100, 100 * 768)]
+    for r in runs[1:3] + runs[4:]:  # ours: stopped at the first evaluation under the target (the phrase is learnt fast)
+        assert 0 < r['iters'] < 300 and r['iters'] % 10 == 0 and r['tokens'] == r['iters'] * 12 * 64
+    again = bench('--target=3.0', '--budget_s=0')  # nothing left to run: the table of the six
+    assert again.returncode == 0 and len(open(tmp_path / 'runs.jsonl').readlines()) == 6
+    assert not re.search(r'^\w+ +seed \d+:', again.stdout, re.M)
+    assert again.stdout.split('| run |')[1] == result.stdout.split('| run |')[1]
+    assert re.search(r'\| nanoGPT \| 2/2 \(1,2\) \| 75 \(50-100\) \|', again.stdout)
+    assert re.search(r'\| ours, Muon \| 2/2 \(1,2\) \| .* \| [\d.]+ \([\d.]+x faster\) \|$', again.stdout, re.M)
+    short = bench('--target=3.0', '--seeds=4', '--budget_s=0')  # the budget is checked before each run
+    assert 'budget_s=0 spent: run the same command again' in short.stdout
+    assert len(open(tmp_path / 'runs.jsonl').readlines()) == 6
+    failed = bench('--kinds=muon', '--muon_flags=--muon_lr=-1', '--seeds=3')
+    assert failed.returncode == 1 and 'Traceback' not in failed.stderr
+    assert failed.stderr.strip() == "bench_target.py: the muon run (seed 3) failed: train.py: muon_lr=-1.0 is not a number >= 0"
