@@ -33,7 +33,7 @@ class MuonAdamW:
         self.adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
         self.muon_lr_scale = muon_lr / learning_rate if learning_rate > 0 else 0.0
         self.float32_newton_schulz = float32_newton_schulz
-        self.pool, self.parts = pool, parts  # cpu.split_batch's threads (parts - 1 beside this one): they share out the matrices
+        self.pool, self.parts = pool, parts  # cpu.split_batch's parts - 1 threads and this one share out the matrices
         print(f"Muon: {len(matrices)} matrices with {sum(p.numel() for p in matrices):,} parameters; AdamW: "
               f"{len(rest)} tensors (embeddings, biases, gains) with {sum(p.numel() for _, p in rest):,}")
 
@@ -43,7 +43,7 @@ class MuonAdamW:
 
     def step(self):
         self.adamw.step()
-        in_parts = self.parts > 1 and hasattr(torch.optim._muon, '_single_tensor_muon')  # torch's step of a list of matrices
+        in_parts = self.parts > 1 and hasattr(torch.optim._muon, '_single_tensor_muon')  # torch's step of some matrices
         muon_step = self.muon_step_in_parts if in_parts else self.muon.step
         if self.float32_newton_schulz and hasattr(torch.optim._muon, '_zeropower_via_newtonschulz'):
             bfloat16_iterations = torch.optim._muon._zeropower_via_newtonschulz
@@ -64,7 +64,7 @@ class MuonAdamW:
             settings = {k: group[k] for k in ('lr', 'weight_decay', 'momentum', 'nesterov', 'ns_coefficients',
                                               'ns_steps', 'eps', 'adjust_lr_fn')}
             shares, load = [[] for _ in range(self.parts)], [0] * self.parts
-            for i in sorted(range(len(params)), key=lambda i: -params[i].numel()):  # the largest first, to the least loaded
+            for i in sorted(range(len(params)), key=lambda i: -params[i].numel()):  # largest first, to the least loaded
                 least = load.index(min(load))
                 shares[least].append(i)
                 load[least] += params[i].numel()
@@ -110,7 +110,7 @@ def configure_optimizer(model, config, device_type):
     return MuonAdamW(model, c['learning_rate'], c['weight_decay'], (c['beta1'], c['beta2']), c['muon_lr'],
                      c['muon_momentum'], c['muon_weight_decay'], fused=device_type in ('cuda', 'mps', 'cpu'),
                      float32_newton_schulz=device_type == 'cpu' and not runtime.cpu_bf16_fast(),
-                     pool=getattr(model, 'pool', None), parts=getattr(model, 'parts', 1))  # where cpu.split_batch split it
+                     pool=getattr(model, 'pool', None), parts=getattr(model, 'parts', 1))  # cpu.split_batch's threads
 
 
 def set_lr(optimizer, lr):
