@@ -158,6 +158,9 @@ if not finished():
     done_docs = len(shards) * S
     # the workers are forked before the dataset starts any threads; they leave Ctrl-C to this process
     pool = multiprocessing.get_context('fork').Pool(args.num_proc, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    # Ctrl-C (SIGINT) stops the shards' loop below even where a shell started this with SIGINT ignored (a
+    # background job): the join at the end takes it too (token_bins.DatasetFiles), as train.py does
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from datasets import load_dataset
     try:
         if args.local_dir is not None:
