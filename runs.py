@@ -315,6 +315,7 @@ class StopRequest:
         agreed = False
         if self.pending is not None:  # the reduction started at the last boundary: long done
             self.pending.wait()
+            self.pending = None
             agreed = self.flag.item() > 0
             if agreed and not self.why:  # its own copy of the signal may still come: no second request either
                 self.why, self.when = 'a stop request to another process', time.monotonic()
@@ -324,6 +325,14 @@ class StopRequest:
         self.pending = torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MAX, group=self.group,
                                                     async_op=True)
         return None
+
+
+    def close(self):
+        """At the end of a run under torchrun: waits for the reduction started at the last boundary and lets it go
+        (c10d work still held when Python exits can free its tensor after the interpreter is gone: an abort)."""
+        if self.ddp and self.pending is not None:
+            self.pending.wait()
+        self.pending = None
 
 
 def bytes_text(n):

@@ -476,5 +476,6 @@ if master_process and run_energy:
     print(energy.summary(run_energy))
     log({'step': iter_num, **run_energy})
 if ddp:
+    stop.close()  # its last reduction, done and let go before the process group
     torch.distributed.barrier()  # the others wait while the first one writes: leaving early can abort gloo's threads
     destroy_process_group()
