@@ -1,10 +1,11 @@
 """
 A training run's directory and its life, for train.py: one run at a time in an out_dir, the run before it set
-aside rather than deleted, a log that holds each iteration once, the data a checkpoint was trained on, and stop
+aside rather than deleted, its log and checkpoint writes (RunFiles), a log that holds each iteration once, the data a checkpoint was trained on, and stop
 requests (SIGTERM, SIGINT, SIGHUP, or torchrun gone) that every process honours at the same iteration.
 torch is imported where it is used: the run directory's steps run (and are tested) without it.
 """
 import json
+import math
 import os
 import re
 import signal
@@ -13,7 +14,7 @@ import time
 from datetime import timedelta
 
 from configurator import fail
-from files import Busy, fsync_dir, lock_directory, os_error_text, same_vocabulary, write_atomically
+from files import Busy, fsync_dir, lock_directory, os_error_text, same_vocabulary, write_atomically, write_checkpoint
 
 PREVIOUS = 'previous'  # out_dir/previous/: the last complete run, kept while a new one has not saved at an evaluation
 MOVING = 'previous.moving'  # run files on their way back to out_dir (a setting aside cut short is undone from here)
@@ -277,6 +278,54 @@ def put_back_previous_run(out_dir):
     print(f"this run saved no checkpoint: the run it had set aside in {previous}/ is back in {out_dir}")
 
 
+class RunFiles:
+    """What a training run writes into out_dir: log.jsonl (and wandb), ckpt.pt; and what is on disk should it stop
+    early. Every process keeps one (checkpoint_iter, the iteration ckpt.pt holds, decides collective saves alike);
+    only the one that writes (the first) logs and writes."""
+
+    def __init__(self, out_dir, writes):
+        self.out_dir, self.writes = out_dir, writes
+        self.ckpt_path, self.log_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'log.jsonl')
+        self.checkpoint_iter = None  # None: no checkpoint of this run, or resumed from, on disk
+        self.wandb_run, self.wandb_run_id = None, None  # a resumed run logs on to its wandb run
+
+    def kept(self):
+        return (f"{self.ckpt_path} still holds iter {self.checkpoint_iter}" if self.checkpoint_iter is not None
+                else "no checkpoint was written")
+
+    def log(self, record):
+        """One record per printed log line, appended to log.jsonl (and sent to wandb)."""
+        try:
+            with open(self.log_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:
+            fail(f"cannot write {self.log_path}: {os_error_text(e)} ({self.kept()}); free the disk or "
+                 f"make {self.out_dir} writable, then resume with --init_from=resume")
+        if self.wandb_run:
+            self.wandb_run.log(record)
+
+    def stop_on_nonfinite(self, what, value, iter_num):
+        """A nan or inf loss stops the run before it can be saved: the checkpoint on disk stays good."""
+        if not math.isfinite(value):
+            fail(f"{what} is {value} at iter {iter_num}: stopped ({self.kept()}); try a lower learning_rate, "
+                 f"a longer warmup_iters or dtype='bfloat16'")
+
+    def save(self, checkpoint, iter_num, stopped=False):
+        """ckpt.pt replaced whole by checkpoint (the state at iter_num; stopped: a stop signal's save), then the run
+        set aside at the start goes. A failed write stops the run in one line, the previous ckpt.pt kept."""
+        if self.writes:
+            checkpoint['wandb_run_id'] = self.wandb_run.id if self.wandb_run else self.wandb_run_id
+            print(f"saving checkpoint to {self.out_dir}")
+            try:
+                write_checkpoint(checkpoint, self.ckpt_path)
+            except (OSError, ValueError) as e:  # a full or read-only disk; nan or inf weights (ValueError)
+                fail(f"{e} ({self.kept()}); " + (f"free the disk or make {self.out_dir} writable, then resume with "
+                     f"--init_from=resume" if isinstance(e, OSError) else
+                     "try a lower learning_rate, a longer warmup_iters or dtype='bfloat16'"))
+            forget_previous_run(self.out_dir, stopped)  # a complete checkpoint: the run set aside at the start goes
+        self.checkpoint_iter = iter_num
+
+
 class StopRequest:
     """SIGTERM (Slurm, cloud preemption), SIGINT (Ctrl-C) and SIGHUP ask the run to stop after the current
     iteration, saved; a second one stops it at once (sys.exit: a checkpoint being written is removed, the one
@@ -325,7 +374,6 @@ class StopRequest:
         self.pending = torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MAX, group=self.group,
                                                     async_op=True)
         return None
-
 
     def close(self):
         """At the end of a run under torchrun: waits for the reduction started at the last boundary and lets it go

@@ -13,7 +13,6 @@ import sys
 import signal
 signal.signal(signal.SIGINT, lambda *_: (print("train.py: stopped by Ctrl-C before any training; nothing was written",
               file=sys.stderr), os._exit(1)))  # until runs.StopRequest: a KeyboardInterrupt inside an import can be swallowed
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -33,7 +32,7 @@ import runs
 from configurator import fail, check
 from model import GPTConfig, GPT, GPT2_VOCAB_SIZE
 from files import (dataset_dir, load_checkpoint, load_meta, load_pretrained_embeddings, open_bin, check_one_prepare,
-                   check_token_ids, os_error_text, write_checkpoint)
+                   check_token_ids)
 
 if int(os.environ.get('RANK', 0)) > 0:
     sys.stdout = open(os.devnull, 'w')  # under torchrun only the first process prints; errors still reach stderr
@@ -144,8 +143,8 @@ if gradient_accumulation_steps % ddp_world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} cannot be divided among {ddp_world_size} "
          f"processes: use a multiple of {ddp_world_size}")
 
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-log_path = os.path.join(out_dir, 'log.jsonl')
+run_files = runs.RunFiles(out_dir, writes=master_process)  # log.jsonl, ckpt.pt and what a stop leaves there
+ckpt_path = run_files.ckpt_path
 
 # the data: token ids as uint16 in train.bin and val.bin, and meta.pkl for a character-level vocabulary
 data_dir = dataset_dir(dataset)  # data/<dataset> here, else the repository's (files.py)
@@ -239,12 +238,12 @@ if fsdp:  # sharded in place: still the GPT, with hooks that gather each Block's
     from fsdp import shard_model, full_state_dicts
     shard_model(model, param_dtype=plan.autocast)  # None: float32, nothing cast
 raw_model = model  # the plain GPT: its state_dict has clean names, for checkpoints
-checkpoint_iter = iter_num if checkpoint is not None else None  # the iteration the checkpoint on disk holds
+run_files.checkpoint_iter = iter_num if checkpoint is not None else None  # the iteration the checkpoint on disk holds
 
 scaler = runtime.grad_scaler(plan)  # float16 needs loss scaling against underflowing gradients; a no-op otherwise
 optimizer = optim.configure_optimizer(model, config, device_type)  # the setting optimizer names which
 optim.load_state(model, optimizer, scaler, checkpoint, fsdp)  # on resume: the optimizer's and the scaler's states
-wandb_run_id = (checkpoint or {}).get('wandb_run_id')  # a resumed run logs on to its wandb run
+run_files.wandb_run_id = (checkpoint or {}).get('wandb_run_id')  # a resumed run logs on to its wandb run
 checkpoint = None  # free its memory
 
 hellaswag_examples = None
@@ -332,44 +331,12 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def log(record):
-    """One record per printed log line, appended to out_dir/log.jsonl (and sent to wandb)."""
-    try:
-        with open(log_path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
-    except OSError as e:
-        fail(f"cannot write {log_path}: {os_error_text(e)} ({kept_checkpoint()}); free the disk or "
-             f"make {out_dir} writable, then resume with --init_from=resume")
-    if wandb_run:
-        wandb_run.log(record)
-
-
-def kept_checkpoint():  # what is on disk when a run stops early
-    return f"{ckpt_path} still holds iter {checkpoint_iter}" if checkpoint_iter is not None else "no checkpoint was written"
-
-
-def stop_on_nonfinite(what, value):
-    """A nan or inf loss stops the run before it can be saved: the checkpoint on disk stays good."""
-    if not math.isfinite(value):
-        fail(f"{what} is {value} at iter {iter_num}: stopped ({kept_checkpoint()}); try a lower learning_rate, "
-             f"a longer warmup_iters or dtype='bfloat16'")
-
-
 def save_checkpoint(stopped=False):
     # under FSDP every process sends its shards, and the first one writes; stopped: a stop signal's save
     model_state, optimizer_state = full_state_dicts(raw_model, optimizer) if fsdp else (raw_model.state_dict(), optimizer.state_dict())
-    if not master_process:
-        return
-    checkpoint = dict(model=model_state, optimizer=optimizer_state, scaler=scaler.state_dict(), model_args=model_args,
-                      iter_num=iter_num, best_val_loss=best_val_loss, config=config, data=data_record, stopped=stopped,
-                      wandb_run_id=wandb_run.id if wandb_run else wandb_run_id)
-    print(f"saving checkpoint to {out_dir}")
-    try:
-        write_checkpoint(checkpoint, ckpt_path)
-    except (OSError, ValueError) as e:  # a full or read-only disk; nan or inf weights (ValueError)
-        fail(f"{e} ({kept_checkpoint()}); " + (f"free the disk or make {out_dir} writable, then resume with --init_from=resume"
-             if isinstance(e, OSError) else "try a lower learning_rate, a longer warmup_iters or dtype='bfloat16'"))
-    runs.forget_previous_run(out_dir, stopped)  # a complete checkpoint: the run set aside at the start goes
+    run_files.save(dict(model=model_state, optimizer=optimizer_state, scaler=scaler.state_dict(), model_args=model_args,
+                        iter_num=iter_num, best_val_loss=best_val_loss, config=config, data=data_record, stopped=stopped),
+                   iter_num, stopped)
 
 
 # training loop
@@ -379,10 +346,11 @@ if master_process:  # MFU: achieved FLOP/s over this device's peak (left out whe
 X, Y = get_train_batch(iter_num, 0)  # the first batch: data that does not fit the model stops here, before any write
 get_batch('val', [0], eval_block_size)
 # the run's directory: one run at a time; a resumed run's log holds each iteration once; a new run sets the old aside
-lock = runs.take_out_dir(out_dir, log_path, resumed=init_from == 'resume', writes=not eval_only,
+lock = runs.take_out_dir(out_dir, run_files.log_path, resumed=init_from == 'resume', writes=not eval_only,
                          iter_num=iter_num) if master_process else None
-wandb_run = runs.start_wandb(wandb_project, wandb_run_name, config, wandb_run_id) if wandb_log and master_process else None
-stop = runs.StopRequest(ddp, kept_checkpoint, ddp_timeout, training=not eval_only)  # SIGTERM, SIGINT, SIGHUP, torchrun gone
+if wandb_log and master_process:
+    run_files.wandb_run = runs.start_wandb(wandb_project, wandb_run_name, config, run_files.wandb_run_id)
+stop = runs.StopRequest(ddp, run_files.kept, ddp_timeout, training=not eval_only)  # SIGTERM, SIGINT, SIGHUP, torchrun gone
 meter = energy.start(device, enabled=measure_energy, ddp=ddp, verbose=master_process, tokens_per_step=tokens_per_iter,
                      step=iter_num)
 t0 = time.time()
@@ -400,15 +368,14 @@ while True:
         eval_energy = meter.span('eval', tokens=2 * eval_iters * batch_size * eval_block_size)  # summed over processes
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{energy.text(eval_energy)}")
-            log({'step': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'lr': lr,
+            run_files.log({'step': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'lr': lr,
                  **energy.fields(eval_energy)})
-        stop_on_nonfinite('val loss', losses['val'])
+        run_files.stop_on_nonfinite('val loss', losses['val'], iter_num)
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0 and iter_num != checkpoint_iter and not eval_only:
+            if iter_num > 0 and iter_num != run_files.checkpoint_iter and not eval_only:
                 with meter.during('other'):
                     save_checkpoint()
-                checkpoint_iter = iter_num
         t0 = time.time()  # the iteration's time excludes the evaluation
     if hellaswag_examples and (iter_num % hellaswag_interval == 0 or iter_num >= max_iters or eval_only):
         # every process scores its share of the items (rows per forward as in training), then the counts are summed
@@ -417,7 +384,7 @@ while True:
                                         ddp_rank, ddp_world_size, all_processes=ddp)
         print(f"step {iter_num}: {describe_hellaswag(scores)}")
         if master_process:
-            log({'step': iter_num, 'hellaswag_acc': scores[0] / scores[2], 'hellaswag_acc_norm': scores[1] / scores[2]})
+            run_files.log({'step': iter_num, 'hellaswag_acc': scores[0] / scores[2], 'hellaswag_acc_norm': scores[1] / scores[2]})
         t0 = time.time()
     if iter_num >= max_iters or eval_only:
         break
@@ -449,7 +416,7 @@ while True:
     if iter_num % log_interval == 0 and master_process:
         # the loss of the last micro-batch; .item() waits for the GPU, so only every log_interval
         lossf = loss.item() * gradient_accumulation_steps
-        stop_on_nonfinite('loss', lossf)
+        run_files.stop_on_nonfinite('loss', lossf, iter_num)
         if local_iter_num >= 5 and peak_flops:  # let the first iterations (compilation, warm-up) pass
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
             running_mfu = mfu if running_mfu is None else 0.9 * running_mfu + 0.1 * mfu
@@ -457,24 +424,24 @@ while True:
         mfu_text = f", mfu {running_mfu * 100:.2f}%" if running_mfu is not None else ''
         print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms{mfu_text}, {tokens_per_sec:.0f} tok/s"
               f"{energy.text(train_energy)}")
-        log({'iter': iter_num, 'loss': lossf, 'time_ms': dt * 1000, 'mfu': running_mfu,
+        run_files.log({'iter': iter_num, 'loss': lossf, 'time_ms': dt * 1000, 'mfu': running_mfu,
              'tokens_per_sec': tokens_per_sec, 'lr': lr, **energy.fields(train_energy)})
     iter_num += 1
     local_iter_num += 1
 
     if why := stop.requested():  # every process stops at this same iteration, with its work saved
-        if iter_num != checkpoint_iter:
+        if iter_num != run_files.checkpoint_iter:
             save_checkpoint(stopped=True)
         if ddp:
             torch.distributed.barrier()
         fail(f"stopped by {why} at iter {iter_num}: saved {ckpt_path}; resume with --init_from=resume")
 
-if master_process and checkpoint_iter is None and not eval_only:
+if master_process and run_files.checkpoint_iter is None and not eval_only:
     runs.put_back_previous_run(out_dir)  # a run that saved nothing (max_iters=0) leaves the run it found, as nanoGPT
 run_energy = meter.finish(step=iter_num)  # every process: the run's totals, in the last record
 if master_process and run_energy:
     print(energy.summary(run_energy))
-    log({'step': iter_num, **run_energy})
+    run_files.log({'step': iter_num, **run_energy})
 if ddp:
     stop.close()  # its last reduction, done and let go before the process group
     torch.distributed.barrier()  # the others wait while the first one writes: leaving early can abort gloo's threads
